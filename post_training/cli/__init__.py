@@ -1,0 +1,35 @@
+"""Entry points run by scripts/*.sh (``python -m post_training.cli.<task>``).
+
+Each task parses flags, validates what it can before touching process groups (so
+``--preflight`` can reject bad input before torchrun starts N ranks), then runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from post_training.utils import UsageError, rank
+
+
+def run_entry(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Run ``main``; a UsageError becomes one line on stderr (rank 0) and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = main(argv) or 0
+    except UsageError as e:
+        if rank() == 0 and os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        from post_training.runtime import destroy_runtime
+
+        try:
+            destroy_runtime()
+        except Exception:
+            pass
+    sys.exit(code)
+
+
+def split_preflight(argv: list[str]) -> tuple[bool, list[str]]:
+    return "--preflight" in argv, [a for a in argv if a != "--preflight"]

@@ -1,0 +1,95 @@
+"""Data loading through ``datasets``: prompts now, calibration and training sets later."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from post_training.utils import UsageError
+
+Prompt = Union[str, list]  # plain text, or a list of {"role", "content"} messages
+
+DEFAULT_PROMPTS: list[Prompt] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what quantization does to a neural network.",
+]
+
+
+def _check_messages(msgs, where: str) -> list:
+    if not isinstance(msgs, list) or not msgs or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in msgs
+    ):
+        raise UsageError(f"{where}: expected a list of {{'role', 'content'}} chat messages")
+    return msgs
+
+
+def _as_prompt(item, where: str) -> Prompt:
+    if isinstance(item, str):
+        if not item.strip():
+            raise UsageError(f"{where}: empty prompt")
+        return item
+    if isinstance(item, dict) and "messages" in item:
+        return _check_messages(item["messages"], where)
+    return _check_messages(item, where)
+
+
+def load_prompts(path: str | None) -> list[Prompt]:
+    """A json list (strings or message lists), jsonl (one prompt, message list or
+    {"messages": [...]} a line, read with ``datasets``), or text (one prompt a line)."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"prompts file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompts file {p} is not UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"prompts file {p} is empty")
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"prompts file {p} is not valid JSON: {e}") from None
+        if not isinstance(data, list) or not data:
+            raise UsageError(f"prompts file {p}: expected a non-empty JSON list")
+        return [_as_prompt(x, f"{p}[{i}]") for i, x in enumerate(data)]
+    if p.suffix == ".jsonl":
+        return _load_jsonl(p)
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _load_jsonl(p: Path) -> list[Prompt]:
+    # Validate line by line first: datasets' errors on bad JSON are long tracebacks.
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"prompts file {p} line {n} is not valid JSON: {e.msg}") from None
+    if all(isinstance(r, dict) for r in rows):
+        import datasets
+
+        ds = datasets.load_dataset("json", data_files=str(p), split="train")
+        rows = list(ds)
+    return [_as_prompt(r, f"{p} line {i + 1}") for i, r in enumerate(rows)]
+
+
+def render_prompt(prompt: Prompt, tokenizer, chat_template: bool = True) -> list[int]:
+    """Token ids for a prompt: chat template (generation prompt added) or raw text."""
+    if not chat_template:
+        if not isinstance(prompt, str):
+            raise UsageError("chat messages need the chat template (drop --no-chat-template)")
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("the tokenizer has no chat template; pass --no-chat-template for raw text")
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)

@@ -1,0 +1,173 @@
+"""Build a megatron-core ``GPTModel`` from a Hugging Face config and import its weights.
+
+Layer spec: megatron-core's local (pure PyTorch) modules with our SDPA core attention, so
+the same model runs on CPU and GPU; with ``--transformer-impl transformer_engine`` (GPU and
+TE installed) ModelOpt's TE-backed spec is used instead. ModelOpt transformations
+(quantization, distillation, speculative heads) apply on top of the built model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from post_training.attention import SDPAttention
+from post_training.runtime import Runtime
+from post_training.utils import UsageError, print_rank_0
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """How to build the model. Flags: --bf16/--fp16, --seq-length, --transformer-impl."""
+
+    dtype: str = "fp32"
+    seq_length: int = 4096
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype must be one of {sorted(DTYPES)} (got {self.dtype!r})")
+        if self.transformer_impl not in ("auto", "local", "transformer_engine"):
+            raise UsageError(f"--transformer-impl must be local or transformer_engine")
+        if self.seq_length < 1:
+            raise UsageError(f"--seq-length must be >= 1 (got {self.seq_length})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+
+        return True
+    except Exception:  # TE raises more than ImportError when CUDA is missing
+        return False
+
+
+def _hf_get(hf: Any, name: str, default: Any = None) -> Any:
+    val = getattr(hf, name, None)
+    return default if val is None else val
+
+
+def rope_settings(hf: Any) -> dict:
+    params = _hf_get(hf, "rope_parameters") or _hf_get(hf, "rope_scaling") or {}
+    theta = params.get("rope_theta", _hf_get(hf, "rope_theta", 10000.0))
+    out = {"rotary_base": int(theta), "rope_scaling": False}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "llama3":
+        out.update(rope_scaling=True, rope_scaling_factor=float(params["factor"]))
+    elif kind not in ("default", None):
+        raise UsageError(f"rope scaling type {kind!r} is not supported yet")
+    return out
+
+
+def check_parallel(hf: Any, tp: int, pp: int) -> None:
+    heads, groups = hf.num_attention_heads, _hf_get(hf, "num_key_value_heads", hf.num_attention_heads)
+    if heads % tp or groups % tp:
+        raise UsageError(
+            f"TP={tp} must divide the attention heads ({heads}) and KV heads ({groups})"
+        )
+    if hf.num_hidden_layers % pp:
+        raise UsageError(f"PP={pp} must divide the number of layers ({hf.num_hidden_layers})")
+
+
+def transformer_config_from_hf(hf: Any, rt: Runtime, mcfg: ModelConfig) -> TransformerConfig:
+    arch = (_hf_get(hf, "architectures") or ["?"])[0]
+    if arch not in SUPPORTED_ARCHS:
+        raise UsageError(f"architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    if _hf_get(hf, "hidden_act", "silu") != "silu":
+        raise UsageError(f"activation {hf.hidden_act!r} is not supported (expected silu)")
+    check_parallel(hf, rt.tp, rt.pp)
+    dtype = mcfg.torch_dtype
+    heads = hf.num_attention_heads
+    head_dim = _hf_get(hf, "head_dim", hf.hidden_size // heads)
+    on_cpu = rt.is_cpu
+    return TransformerConfig(
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=_hf_get(hf, "num_key_value_heads", heads),
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=_hf_get(hf, "rms_norm_eps", 1e-6),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch == "Qwen2ForCausalLM" or bool(_hf_get(hf, "attention_bias", False)),
+        qk_layernorm=arch == "Qwen3ForCausalLM",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=rt.tp,
+        pipeline_model_parallel_size=rt.pp,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        # Fused kernels exist only on GPU.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def use_te_spec(mcfg: ModelConfig, rt: Runtime) -> bool:
+    if mcfg.transformer_impl == "transformer_engine":
+        if rt.is_cpu or not have_te():
+            raise UsageError("--transformer-impl transformer_engine needs a GPU and transformer-engine installed")
+        return True
+    return mcfg.transformer_impl == "auto" and not rt.is_cpu and have_te()
+
+
+def layer_spec(config: TransformerConfig, use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
+
+        return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(hf: Any, rt: Runtime, mcfg: ModelConfig) -> GPTModel:
+    """The GPTModel stage owned by this rank (pre/post process by pipeline position)."""
+    config = transformer_config_from_hf(hf, rt, mcfg)
+    te = use_te_spec(mcfg, rt)
+    print_rank_0(f"layer spec: {'transformer_engine (ModelOpt)' if te else 'local + SDPA attention'}")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, te),
+        vocab_size=hf.vocab_size,
+        max_sequence_length=max(mcfg.seq_length, _hf_get(hf, "max_position_embeddings", 0)),
+        pre_process=rt.is_first_stage,
+        post_process=rt.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(_hf_get(hf, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        **rope_settings(hf),
+    )
+    model.to(device=rt.device, dtype=mcfg.torch_dtype)
+    return model
+
+
+def import_hf_weights(model: GPTModel, hf_dir: str, dtype: torch.dtype) -> None:
+    """HF safetensors -> this rank's shard of the model, via ModelOpt's importer."""
+    from modelopt.torch.export import import_mcore_gpt_from_hf
+
+    import_mcore_gpt_from_hf(model, str(hf_dir), dtype=dtype)
