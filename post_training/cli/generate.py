@@ -5,7 +5,7 @@ import json
 import time
 
 from post_training import arguments
-from post_training.checkpointing import setup_model
+from post_training.checkpointing import load_tokenizer, resolve_hf_dir, setup_model
 from post_training.cli import run_entry, split_preflight
 from post_training.data import load_prompts, render_prompt
 from post_training.generate import generate
@@ -32,11 +32,13 @@ def main(argv: list[str]) -> int:
     if preflight:
         return 0
     rt = init_runtime(par)
+    # Render every prompt before the model loads: a template problem fails fast.
+    tok = load_tokenizer(resolve_hf_dir(src))
+    rendered = [render_prompt(p, tok, chat_template=not ns.no_chat_template) for p in prompts]
     model, tok, hf_config = setup_model(src, mcfg, rt)
     gcfg = arguments.generate_config(ns, stop_ids(tok, hf_config))
     results = []
-    for i, prompt in enumerate(prompts):
-        ids = render_prompt(prompt, tok, chat_template=not ns.no_chat_template)
+    for i, (prompt, ids) in enumerate(zip(prompts, rendered)):
         t0 = time.perf_counter()
         out = generate(model, ids, gcfg, max_seq_length=mcfg.seq_length)
         dt = time.perf_counter() - t0

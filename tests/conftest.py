@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random HF models (unit tests) and the embedded SmolLM2 (integration)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+TINY_ARCHS = {
+    "llama": dict(arch="LlamaForCausalLM", heads=4, kv=2),
+    "qwen3": dict(arch="Qwen3ForCausalLM", heads=4, kv=2),
+    "qwen2": dict(arch="Qwen2ForCausalLM", heads=4, kv=2),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "slow: real-model or multi-rank test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model, materialized from its GGUF into the toolkit cache."""
+    from post_training import hf
+
+    return hf.resolve_hf_dir(hf.load_conf(hf.EMBEDDED_MODEL), None)
+
+
+def make_tiny(out: Path, kind: str, tokenizer_dir: Path, layers: int = 4, seed: int = 0) -> Path:
+    """A randomly initialised 4-layer model with the SmolLM2 tokenizer (and chat template)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = TINY_ARCHS[kind]
+    extra = {"head_dim": 16} if kind == "qwen3" else {}
+    cfg = AutoConfig.for_model(
+        {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}[spec["arch"]],
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["kv"], max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=kind != "qwen2", bos_token_id=1, eos_token_id=2,
+        architectures=[spec["arch"]], **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger weights than the default init so logits are not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / f).exists():
+            shutil.copy(tokenizer_dir / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    return {k: make_tiny(base / k, k, smollm2_dir) for k in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dirs) -> Path:
+    return tiny_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """One in-process TP=1 runtime shared by the in-process tests."""
+    from post_training.runtime import ParallelConfig, init_runtime
+
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return init_runtime(ParallelConfig(device="cpu"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,65 @@
+"""scripts/generate.sh end to end: answers between markers, and one clear line per bad input."""
+import json
+import shutil
+
+import pytest
+
+from dist_utils import clean_env, run_script
+
+
+def error_lines(res):
+    return [l for l in res.stderr.splitlines() if l.strip()]
+
+
+def assert_one_line_error(res, needle):
+    assert res.returncode != 0, res.stdout
+    lines = error_lines(res)
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr[-3000:]
+    assert needle in lines[0]
+
+
+@pytest.mark.slow
+def test_generate_script_prints_answers_between_markers(tiny_llama, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    out = tmp_path / "answers.json"
+    res = run_script("generate.sh", "--prompts-file", str(prompts), "--max-new-tokens", "5",
+                     "--json-out", str(out), env=clean_env(HF_MODEL_CKPT=str(tiny_llama)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "===== PROMPT 0 =====" in res.stdout and "===== ANSWER 0 =====" in res.stdout
+    assert "===== END 0 =====" in res.stdout and "layer spec: local + SDPA attention" in res.stdout
+    answers = json.loads(out.read_text())
+    assert len(answers) == 1 and len(answers[0]["tokens"]) == 5
+
+
+@pytest.mark.parametrize("case", ["conf", "hf_dir", "tp_heads", "prompts_json", "cuda", "world", "flag"])
+def test_bad_input(case, tiny_llama, tmp_path):
+    env, args = clean_env(), []
+    if case == "conf":
+        args, needle = ["No/Such-Model"], "unknown model conf"
+    elif case == "hf_dir":
+        env["HF_MODEL_CKPT"], needle = str(tmp_path / "missing"), "HF model directory not found"
+    elif case == "tp_heads":
+        env["TP"], needle = "2", "must divide the attention heads (9)"
+    elif case == "prompts_json":
+        (tmp_path / "p.json").write_text("[\"unterminated")
+        args, needle = ["--prompts-file", str(tmp_path / "p.json")], "not valid JSON"
+    elif case == "cuda":
+        env["HF_MODEL_CKPT"], args, needle = str(tiny_llama), ["--device", "cuda"], "CUDA was requested"
+    elif case == "world":
+        env.update(TP="2", NNODES="3")
+        needle = "cannot be split evenly"
+    else:
+        args, needle = ["--max-new-tokens", "x"], "invalid int value"
+    assert_one_line_error(run_script("generate.sh", *args, env=env), needle)
+
+
+def test_no_chat_template(tiny_llama, tmp_path):
+    d = tmp_path / "nochat"
+    shutil.copytree(tiny_llama, d)
+    (d / "chat_template.jinja").unlink()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    res = run_script("generate.sh", "--max-new-tokens", "2", env=clean_env(HF_MODEL_CKPT=str(d)))
+    assert_one_line_error(res, "no chat template")

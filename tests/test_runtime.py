@@ -1,0 +1,70 @@
+"""The runtime layer: CPU shims, device choice and process-group checks."""
+import os
+
+import pytest
+import torch
+
+from post_training.runtime import ParallelConfig, cpu_compat, memory_report
+from post_training.runtime.dist import _resolve_device, init_runtime
+from post_training.utils import UsageError
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims apply only without CUDA")
+
+
+def test_shims_rewrite_cuda_device_arguments(runtime):
+    assert runtime.cpu_compat and cpu_compat.is_applied()
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
+    t = torch.ones(2)
+    assert t.cuda() is t and t.to("cuda").device.type == "cpu"
+    assert t.to("cuda", torch.float64).dtype == torch.float64
+
+
+def test_cuda_queries_answer_on_cpu(runtime):
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    assert 0 < free <= total
+    state = torch.cuda.get_rng_state()
+    a = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_megatron_rng_tracker_forks_on_cpu(runtime):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    before = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        inside = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)  # fork restores the default stream
+    assert not torch.equal(inside, torch.rand(4))
+
+
+def test_every_shim_names_its_upstream_site():
+    assert cpu_compat.SHIMS and all(s.covers for s in cpu_compat.SHIMS)
+
+
+def test_cuda_requested_but_absent():
+    with pytest.raises(UsageError, match="CUDA was requested"):
+        _resolve_device("cuda", 0)
+
+
+def test_bad_parallel_config():
+    with pytest.raises(UsageError):
+        ParallelConfig(tp=0)
+    with pytest.raises(UsageError):
+        ParallelConfig(device="tpu")
+
+
+def test_world_not_divisible(monkeypatch):
+    import post_training.runtime.dist as d
+
+    monkeypatch.setattr(d, "_RUNTIME", None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UsageError, match="not divisible"):
+        init_runtime(ParallelConfig(tp=2))
+
+
+def test_memory_report_mentions_rss():
+    assert "rss" in memory_report("x")
