@@ -76,9 +76,6 @@ class SDPAttention(MegatronModule):
         sk, ng = key.size(0), key.size(2)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if ng != nh:  # GQA: repeat kv heads (SDPA's enable_gqa is not on every backend)
-            k = k.repeat_interleave(nh // ng, dim=1)
-            v = v.repeat_interleave(nh // ng, dim=1)
 
         mask, is_causal = None, False
         if mask_type == AttnMaskType.arbitrary or (
@@ -108,6 +105,7 @@ class SDPAttention(MegatronModule):
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=is_causal,
             scale=self.softmax_scale,
+            enable_gqa=ng != nh,
         )
         # [b, h, sq, d] -> [sq, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)

@@ -6,6 +6,7 @@ token to its pipeline group, so every rank returns the same tokens.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from post_training.runtime import cpu_compat
 from post_training.utils import UsageError
 
 
@@ -103,8 +105,10 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out: list[int] = []
     stops = set(cfg.stop_token_ids)
-    for _ in range(cfg.max_new_tokens):
-        logits = forward_step(model, tokens, ctx)
+    for step in range(cfg.max_new_tokens):
+        # The prefill allocates the KV cache (CUDA-assuming code); decode steps need no shim.
+        with contextlib.nullcontext() if step == 0 else cpu_compat.device_mode_suspended():
+            logits = forward_step(model, tokens, ctx)
         ctx.increment_sequence_len_offset(tokens.size(1))
         nxt = torch.empty(1, dtype=torch.long, device=device)
         if logits is not None:
