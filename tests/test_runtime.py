@@ -68,3 +68,32 @@ def test_world_not_divisible(monkeypatch):
 
 def test_memory_report_mentions_rss():
     assert "rss" in memory_report("x")
+
+
+def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
+    """Inference fast paths give the same logits as megatron's own functions, and outside
+    inference mode the originals (autograd Functions) still run."""
+    from post_training.checkpointing import SourceConfig, setup_model
+    from post_training.generate import forward_step
+    from post_training.model_builder import ModelConfig
+    from post_training.runtime import fastpath
+
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
+    ids = torch.randint(0, 49152, (1, 17), generator=torch.Generator().manual_seed(4))
+    assert fastpath._ORIGINALS, "fast paths are installed on CPU"
+    with torch.inference_mode():
+        fast = forward_step(model, ids, None)
+    with torch.no_grad():  # not inference mode: original megatron path
+        slow = forward_step(model, ids, None)
+    fastpath.remove()
+    try:
+        with torch.inference_mode():
+            orig = forward_step(model, ids, None)
+    finally:
+        fastpath.apply()
+    assert torch.equal(slow, orig)
+    assert (fast - orig).abs().max().item() < 1e-5
+    model.requires_grad_(True)
+    out = forward_step(model, ids, None)
+    out.float().pow(2).mean().backward()
+    assert model.decoder.layers[0].mlp.linear_fc1.weight.grad is not None

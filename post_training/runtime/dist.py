@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from post_training.runtime import cpu_compat
+from post_training.runtime import cpu_compat, fastpath
 from post_training.utils import UsageError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -112,6 +112,8 @@ def init_runtime(cfg: ParallelConfig) -> Runtime:
         )
     device = _resolve_device(cfg.device, local_rank)
     compat = cpu_compat.apply() if device.type == "cpu" else False
+    if device.type == "cpu" and os.environ.get("PT_NO_FASTPATH") != "1":
+        fastpath.apply()
     # On CPU torch.cuda.is_available() is False, so megatron-core never asks for nccl.
     backend = BACKENDS[device.type]
     if not dist.is_initialized():

@@ -1,0 +1,120 @@
+"""Inference fast paths for megatron-core's local (non-TE) layers on CPU.
+
+A CPU decode step of a small model is bound by Python dispatch, not arithmetic: megatron
+runs ~3x as many torch calls per token as transformers for the same matmuls. Under
+``torch.inference_mode()`` (no autograd graph can be needed) these wrappers skip the
+autograd ``Function`` shells around three hot sites and compute the same forward:
+
+* ``tensor_parallel.layers.linear_with_frozen_weight``  -> ``matmul(x, W.t()) (+ b)``,
+  exactly ``LinearWithFrozenWeight.forward`` (not with sequence parallelism);
+* ``tensor_parallel.layers.copy_to_tensor_model_parallel_region`` -> identity (its forward);
+* ``tensor_parallel.layers.reduce_from_tensor_model_parallel_region`` -> ``mappings._reduce``;
+* ``rope_utils._apply_rotary_pos_emb_bshd`` -> the same formula, with cos/sin computed once
+  per forward instead of once per layer, and without the no-op ``* mscale`` and empty
+  pass-through concat (only when mscale == 1, non-interleaved, non-MLA).
+
+Outside inference mode every call goes to the original function, so training and
+autograd are untouched. Applied by ``init_runtime`` on CPU only; tests compare logits with
+and without (tests/test_runtime.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_ORIGINALS: dict[str, object] = {}
+
+
+def _fast(module, name: str, fast_impl):
+    orig = getattr(module, name)
+    _ORIGINALS[f"{module.__name__}.{name}"] = orig
+
+    @functools.wraps(orig)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            out = fast_impl(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return orig(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+
+
+def _linear_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                   sequence_parallel, tp_group=None, *args, **kwargs):
+    if sequence_parallel:
+        return NotImplemented
+    out = torch.matmul(input, weight.t())
+    return out + bias if bias is not None else out
+
+
+def _copy_to_tp(input_, group=None):
+    return input_
+
+
+def _reduce_from_tp(input_, group=None):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import mappings
+
+    return mappings._reduce(input_, group or parallel_state.get_tensor_model_parallel_group())
+
+
+class _CosSinCache:
+    """cos/sin of the slices of a rotary table, shared by all layers of a forward.
+
+    megatron recomputes them per layer (2 x num_layers times a step). Slices of inference
+    tensors are not tracked as views, so entries are keyed by the table's storage address
+    and the slice's offset/shape/stride. A tensor on that storage is held, so the address
+    cannot be reused by another allocation while cached; a new table resets the cache.
+    megatron never writes to a rotary table in place."""
+
+    def __init__(self) -> None:
+        self.holder: torch.Tensor | None = None
+        self.ptr = -1
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        ptr = freqs.untyped_storage().data_ptr()
+        if ptr != self.ptr:
+            self.holder, self.ptr, self.entries = freqs, ptr, {}
+        key = (freqs.storage_offset(), tuple(freqs.shape), tuple(freqs.stride()), dtype)
+        if key not in self.entries:
+            self.entries[key] = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+        return self.entries[key]
+
+
+_COS_SIN = _CosSinCache()
+
+
+def _rope_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+    if rotary_interleaved or multi_latent_attention or mscale != 1.0 or t.shape[-1] != freqs.shape[-1]:
+        return NotImplemented
+    cos, sin = _COS_SIN.get(freqs, t.dtype)
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def apply() -> bool:
+    """Install the wrappers once. Returns True when newly installed."""
+    if _ORIGINALS:
+        return False
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.tensor_parallel import layers
+
+    _fast(layers, "linear_with_frozen_weight", _linear_frozen)
+    _fast(layers, "copy_to_tensor_model_parallel_region", _copy_to_tp)
+    _fast(layers, "reduce_from_tensor_model_parallel_region", _reduce_from_tp)
+    _fast(rope_utils, "_apply_rotary_pos_emb_bshd", _rope_bshd)
+    return True
+
+
+def remove() -> None:
+    """Restore the originals (tests compare both paths)."""
+    import importlib
+
+    for qual, orig in _ORIGINALS.items():
+        mod_name, name = qual.rsplit(".", 1)
+        setattr(importlib.import_module(mod_name), name, orig)
+    _ORIGINALS.clear()
+    _COS_SIN.holder, _COS_SIN.ptr, _COS_SIN.entries = None, -1, {}
