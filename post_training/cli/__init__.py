@@ -7,21 +7,9 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Callable
 
-# Import-time notices of megatron-core / ModelOpt that say nothing actionable to a user of
-# this toolkit (we choose the local spec on purpose). Installed before those imports run.
-for _msg in (
-    r"Transformer Engine and Apex are not installed",
-    r"Apex is not installed",
-    r"transformers .* is not tested with current version of modelopt",
-    r"tp_group is None",
-    r"full scope is deprecated",  # TransformerConfig's own default, not something we set
-):
-    warnings.filterwarnings("ignore", message=_msg)
-
-from post_training.utils import UsageError, rank  # noqa: E402
+from post_training.utils import UsageError, rank
 
 
 def run_entry(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:

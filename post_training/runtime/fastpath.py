@@ -5,8 +5,8 @@ runs ~3x as many torch calls per token as transformers for the same matmuls. Und
 ``torch.inference_mode()`` (no autograd graph can be needed) these wrappers skip the
 autograd ``Function`` shells around three hot sites and compute the same forward:
 
-* ``tensor_parallel.layers.linear_with_frozen_weight``  -> ``matmul(x, W.t()) (+ b)``,
-  exactly ``LinearWithFrozenWeight.forward`` (not with sequence parallelism);
+* ``tensor_parallel.layers.linear_with_frozen_weight``  -> ``F.linear(x, W) (+ b)``, the
+  forward of ``LinearWithFrozenWeight`` (not with sequence parallelism);
 * ``tensor_parallel.layers.copy_to_tensor_model_parallel_region`` -> identity (its forward);
 * ``tensor_parallel.layers.reduce_from_tensor_model_parallel_region`` -> ``mappings._reduce``;
 * ``rope_utils._apply_rotary_pos_emb_bshd`` -> the same formula, with cos/sin computed once
@@ -45,7 +45,8 @@ def _linear_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_
                    sequence_parallel, tp_group=None, *args, **kwargs):
     if sequence_parallel:
         return NotImplemented
-    out = torch.matmul(input, weight.t())
+    # F.linear == matmul(x, W.t()) bit for bit on CPU (checked on SmolLM2's shapes), one op fewer.
+    out = torch.nn.functional.linear(input, weight)
     return out + bias if bias is not None else out
 
 
@@ -80,7 +81,10 @@ class _CosSinCache:
             self.holder, self.ptr, self.entries = freqs, ptr, {}
         key = (freqs.storage_offset(), tuple(freqs.shape), tuple(freqs.stride()), dtype)
         if key not in self.entries:
-            self.entries[key] = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+            cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+            half = sin.shape[-1] // 2
+            # rotate_half(t) * sin == roll(t, half) * [-sin_lo, sin_hi]: a sign flip is exact.
+            self.entries[key] = (cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
         return self.entries[key]
 
 
@@ -90,9 +94,8 @@ _COS_SIN = _CosSinCache()
 def _rope_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
     if rotary_interleaved or multi_latent_attention or mscale != 1.0 or t.shape[-1] != freqs.shape[-1]:
         return NotImplemented
-    cos, sin = _COS_SIN.get(freqs, t.dtype)
-    x1, x2 = torch.chunk(t, 2, dim=-1)
-    return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+    cos, signed_sin = _COS_SIN.get(freqs, t.dtype)
+    return t * cos + torch.roll(t, t.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def apply() -> bool:
