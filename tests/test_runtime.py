@@ -19,6 +19,9 @@ def test_shims_rewrite_cuda_device_arguments(runtime):
     t = torch.ones(2)
     assert t.cuda() is t and t.to("cuda").device.type == "cpu"
     assert t.to("cuda", torch.float64).dtype == torch.float64
+    with cpu_compat.device_mode_suspended():  # decode steps run without the mode
+        assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
+    assert torch.zeros(1, device="cuda").device.type == "cpu"  # and it is back afterwards
 
 
 def test_cuda_queries_answer_on_cpu(runtime):

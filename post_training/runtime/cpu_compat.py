@@ -29,7 +29,8 @@ class Shim:
 
 
 SHIMS: list[Shim] = [
-    Shim("torch.cuda.current_device -> 0 (then mapped to CPU by the device mode)",
+    Shim("torch.cuda.current_device -> torch.device('cpu') (a valid device argument even "
+         "while the device mode is suspended)",
          "megatron-core rotary_pos_embedding.get_emb/RotaryEmbedding.__init__, "
          "utils.GlobalMemoryBuffer.get_tensor, dist_checkpointing save_state_dict_async_finalize, "
          "~175 other current_device() calls"),
@@ -98,7 +99,7 @@ def apply() -> bool:
     if torch.cuda.is_available() or os.environ.get("POST_TRAINING_NO_CPU_COMPAT") == "1":
         return False
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    cuda.current_device = lambda: _CPU
     cuda.synchronize = lambda device=None: None
     cuda.mem_get_info = _mem_get_info
     # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
