@@ -11,5 +11,8 @@ for _msg in (
     r"transformers .* is not tested with current version of modelopt",
     r"tp_group is None",
     r"full scope is deprecated",  # TransformerConfig's own default, not something we set
+    # torch deprecations raised inside megatron-core's dist-checkpoint reader
+    r"`load_state_dict` is deprecated and will be removed",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
 ):
     _warnings.filterwarnings("ignore", message=_msg)

@@ -34,6 +34,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export-dir", default=None)
     g.add_argument("--export-quant-cfg", default=None)
     g.add_argument("--export-kd-teacher-load", default=None)
+    g.add_argument("--dist-ckpt-strictness", default="raise_all", choices=["raise_all", "log_all"],
+                   help="raise_all refuses a checkpoint that does not match the model; "
+                        "log_all loads what matches and prints what was skipped")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None,
+                   help="after a save, delete all but the newest N iterations")
+    g.add_argument("--skip-checkpoint-hash-check", action="store_true",
+                   help="check shard sizes only, not their sha256, when loading")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -88,6 +95,9 @@ def source_config(ns: argparse.Namespace) -> SourceConfig:
         export_dir=ns.export_dir,
         export_quant_cfg=ns.export_quant_cfg,
         export_kd_teacher_load=ns.export_kd_teacher_load,
+        strictness=ns.dist_ckpt_strictness,
+        verify_hashes=not ns.skip_checkpoint_hash_check,
+        keep_last=ns.keep_last_checkpoints,
     )
 
 

@@ -1,0 +1,205 @@
+"""Filesystem side of checkpoints: Megatron-LM's layout, atomic commit, rotation, integrity.
+
+Layout (what Megatron-LM and its tools expect)::
+
+    <save>/latest_checkpointed_iteration.txt   "100" (or "release")
+    <save>/iter_0000100/                        megatron-core dist checkpoint (torch_dist):
+        common.pt  *.distcp  .metadata  metadata.json (megatron-core's own backend record)
+        modelopt_state/                         ModelOpt's sharded sub-checkpoint, when converted
+        toolkit_meta.json                       ours: what this is, for people and tools
+    <save>/hf_config/                           config.json + tokenizer of the model
+
+megatron-core owns ``metadata.json`` inside the checkpoint (it reads it back into a dataclass
+and rejects unknown keys), so our human-readable record is ``toolkit_meta.json``.
+
+A save goes to a hidden sibling ``.iter_0000100.tmp-<id>``; it is fsynced and renamed into
+place, and the tracker is replaced (write, fsync, rename) last. A process killed at any
+point leaves the previous checkpoint and tracker untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from post_training.utils import UsageError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "toolkit_meta.json"
+HF_CONFIG_DIR = "hf_config"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+_STAGING_RE = re.compile(r"^\.(iter_\d{7}|release)\.tmp-[0-9a-f]+$")
+
+
+def iter_dir_name(iteration: int | None) -> str:
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def is_dist_checkpoint_dir(path: Path) -> bool:
+    """An iteration directory written by megatron-core dist_checkpointing."""
+    return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
+
+
+def is_checkpoint_root(path: Path) -> bool:
+    return (path / TRACKER).is_file()
+
+
+def read_tracker(root: Path) -> Path:
+    """The iteration directory the tracker points to."""
+    text = (root / TRACKER).read_text().strip()
+    if text == "release":
+        name = "release"
+    elif text.isdigit():
+        name = iter_dir_name(int(text))
+    else:
+        raise UsageError(f"{root / TRACKER} is not an iteration number or 'release': {text[:40]!r}")
+    path = root / name
+    if not path.is_dir():
+        raise UsageError(f"{root / TRACKER} points to {name}, which does not exist in {root}")
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve ``--load``: a save root (tracker) or one iteration directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"checkpoint path not found: {p}")
+    if is_checkpoint_root(p):
+        it = read_tracker(p)
+    elif is_dist_checkpoint_dir(p):
+        it = p
+    else:
+        raise UsageError(f"{p} is not a checkpoint: no {TRACKER} and no dist-checkpoint files")
+    if not is_dist_checkpoint_dir(it):
+        raise UsageError(f"{it} is not a complete dist checkpoint (metadata.json or common.pt missing)")
+    return it
+
+
+def checkpoint_root(iter_dir: Path) -> Path:
+    return iter_dir.parent
+
+
+def new_staging_dir(root: Path, name: str) -> Path:
+    return root / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def remove_stale_staging(root: Path, keep: Path | None = None) -> list[Path]:
+    """Remove leftovers of saves that never committed (killed processes)."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p != keep and _STAGING_RE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(dirpath) / f)
+        _fsync_path(Path(dirpath))
+
+
+def file_records(root: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``root`` (except our own record)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != META:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def write_meta(iter_dir: Path, meta: dict) -> None:
+    meta = {**meta, "files": file_records(iter_dir)}
+    tmp = iter_dir / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, iter_dir / META)
+
+
+def read_meta(iter_dir: Path) -> dict:
+    p = iter_dir / META
+    if not p.is_file():
+        return {}  # a plain Megatron-LM checkpoint: no record of ours
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{p} is corrupt: {e}") from None
+
+
+def verify_files(iter_dir: Path, meta: dict, hashes: bool = True) -> None:
+    """Every file recorded at save time is present with the same size (and hash)."""
+    for rel, rec in meta.get("files", {}).items():
+        p = iter_dir / rel
+        if not p.is_file():
+            raise UsageError(f"checkpoint {iter_dir} is incomplete: {rel} is missing")
+        size = p.stat().st_size
+        if size != rec["bytes"]:
+            raise UsageError(
+                f"checkpoint shard {iter_dir / rel} is truncated or altered: {size} bytes, "
+                f"{rec['bytes']} when saved"
+            )
+    if hashes:
+        now = file_records(iter_dir)
+        for rel, rec in meta.get("files", {}).items():
+            if now[rel]["sha256"] != rec["sha256"]:
+                raise UsageError(f"checkpoint shard {iter_dir / rel} is corrupt (sha256 differs from save)")
+
+
+def write_tracker(root: Path, iteration: int | None) -> None:
+    tmp = root / (TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("release" if iteration is None else str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER)
+    _fsync_path(root)
+
+
+def commit(staging: Path, root: Path, iteration: int | None) -> Path:
+    """Move a finished, fsynced save into place, then point the tracker at it."""
+    final = root / iter_dir_name(iteration)
+    if final.exists():  # re-saving the same iteration: swap, never delete first
+        old = root / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_path(root)
+    write_tracker(root, iteration)
+    return final
+
+
+def list_iterations(root: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _ITER_RE.match(p.name)))
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` iterations; never the one the tracker names."""
+    if keep_last < 1:
+        raise UsageError(f"keep-last must be >= 1 (got {keep_last})")
+    protected = read_tracker(root).name if is_checkpoint_root(root) else None
+    removed = []
+    for it in list_iterations(root)[:-keep_last]:
+        p = root / iter_dir_name(it)
+        if p.name != protected:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

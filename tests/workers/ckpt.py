@@ -1,0 +1,45 @@
+"""Worker: save a model as a dist checkpoint, or load one, at a given TP/PP; write logits.
+
+  ckpt.py save --hf-dir D --save OUT [--iteration N] --tp T --pp P --out logits.pt
+  ckpt.py load --load OUT --tp T --pp P --out logits.pt
+"""
+import argparse
+
+import torch
+from megatron.core import parallel_state as ps
+
+from post_training.checkpointing import SourceConfig, resolve_hf_dir, save_checkpoint, setup_model
+from post_training.generate import forward_step
+from post_training.model_builder import ModelConfig
+from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
+
+IDS = torch.arange(3, 40).unsqueeze(0) * 7 % 4000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["save", "load"])
+    p.add_argument("--hf-dir")
+    p.add_argument("--load")
+    p.add_argument("--save")
+    p.add_argument("--iteration", type=int, default=None)
+    p.add_argument("--keep-last", type=int, default=None)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--out")
+    a = p.parse_args()
+    rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
+    src = SourceConfig(pretrained_model_path=a.hf_dir, load=a.load)
+    model, _, _ = setup_model(src, ModelConfig(), rt)
+    if a.mode == "save":
+        save_checkpoint(model, rt, a.save, a.iteration, hf_dir=resolve_hf_dir(src), keep_last=a.keep_last)
+    if a.out:
+        with torch.inference_mode():
+            logits = forward_step(model, IDS, None)
+        if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
+            torch.save(logits, a.out)
+    destroy_runtime()
+
+
+if __name__ == "__main__":
+    main()
