@@ -154,3 +154,27 @@ def test_rotation_keeps_the_tracked_and_newest(tmp_path):
     assert cio.list_iterations(root) == [3, 4, 5]
     with pytest.raises(UsageError):
         cio.rotate(root, 0)
+
+
+def test_quantized_checkpoint_keeps_kv_amax(tiny_llama, runtime, tmp_path):
+    """ModelOpt state + KV-cache quantizer amax survive save_checkpoint / --load (the anchor bug
+    lost core_attention.*_bmm_quantizer._amax)."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+
+    cfg = mtq.update_quant_cfg_with_kv_cache_quant(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG["quant_cfg"])
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
+    calib = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = mtq.quantize(model, cfg, lambda m: forward_step(m, calib, None))
+    amax = [l.self_attention.core_attention.k_bmm_quantizer.amax.clone() for l in model.decoder.layers]
+    assert all(a.item() > 0 for a in amax)
+    save_checkpoint(model, runtime, tmp_path / "q", 1, hf_dir=tiny_llama)
+    meta = json.loads((tmp_path / "q" / "iter_0000001" / "toolkit_meta.json").read_text())
+    assert "quantize" in meta["modelopt_modes"]
+    assert (tmp_path / "q" / "iter_0000001" / "modelopt_state").is_dir()
+
+    restored = load(runtime, tmp_path / "q")
+    assert mto.ModeloptStateManager.is_converted(restored)
+    got = [l.self_attention.core_attention.k_bmm_quantizer.amax for l in restored.decoder.layers]
+    assert all(torch.equal(a, b) for a, b in zip(amax, got))
+    assert torch.equal(logits(restored), logits(model))

@@ -63,3 +63,28 @@ def test_no_chat_template(tiny_llama, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     res = run_script("generate.sh", "--max-new-tokens", "2", env=clean_env(HF_MODEL_CKPT=str(d)))
     assert_one_line_error(res, "no chat template")
+
+
+@pytest.mark.slow
+def test_convert_then_generate_from_checkpoint(tiny_llama, tmp_path):
+    """scripts/convert.sh at PP=2 writes a dist checkpoint that generate.sh loads at TP=2 via
+    MLM_MODEL_CKPT (no HF dir needed), answering exactly as from the HF model."""
+    save = tmp_path / "ckpt"
+    res = run_script("convert.sh", env=clean_env(PP="2", HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(save)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "release"
+    outs = []
+    for env in (dict(HF_MODEL_CKPT=str(tiny_llama)), dict(MLM_MODEL_CKPT=str(save), TP="2")):
+        out = tmp_path / f"{len(outs)}.json"
+        res = run_script("generate.sh", "--max-new-tokens", "8", "--json-out", str(out), env=clean_env(**env))
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs.append([r["tokens"] for r in json.loads(out.read_text())])
+    assert outs[0] == outs[1]
+
+
+def test_convert_needs_save():
+    assert_one_line_error(run_script("convert.sh", env=clean_env()), "convert needs --save")
+
+
+def test_pp_must_divide_layers():
+    assert_one_line_error(run_script("generate.sh", env=clean_env(PP="4")), "PP=4 must divide the number of layers (30)")
