@@ -46,6 +46,12 @@ SHIMS: list[Shim] = [
          "megatron-core schedules.forward_backward_no_pipelining (torch.zeros(device='cuda')), "
          "optimizer.FP32Optimizer (torch.tensor(..., device='cuda')), "
          "transformer.dot_product_attention buffers, tensor_parallel mappings, .cuda() calls"),
+    Shim("TorchFunctionMode: Tensor.type() names a CPU tensor by its CUDA type "
+         "('torch.cuda.FloatTensor'); Tensor.type('torch.cuda.X') converts to 'torch.X'",
+         "megatron-core optimizer.clip_grads.clip_grad_by_total_norm_fp32 "
+         "(assert param.grad.type() == 'torch.cuda.FloatTensor'), "
+         "optimizer.Float16OptimizerWithFloat16Params and distrib_optimizer "
+         "(param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor'])"),
 ]
 
 _applied = False
@@ -66,6 +72,8 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type:
+            return _cuda_type_name(*args, **kwargs)
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
             kwargs = {**kwargs, "device": _CPU}
@@ -146,3 +154,17 @@ def device_mode_suspended() -> Iterator[None]:
         yield
     finally:
         _mode.__enter__()
+
+
+def _cuda_type_name(t: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):
+    """``Tensor.type`` under the device mode: CPU tensors stand for CUDA tensors, so they
+    report the CUDA type name megatron-core compares against, and a CUDA type name as a
+    conversion target means the CPU type. Any other call is torch's own."""
+    if dtype is None and not kwargs:
+        name = torch.Tensor.type(t)
+        if t.device.type == "cpu" and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+    if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
+        dtype = "torch." + dtype[len("torch.cuda."):]
+    return torch.Tensor.type(t, dtype, non_blocking, **kwargs)
