@@ -47,6 +47,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--seq-length", type=int, default=4096)
     g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--transformer-impl", default="auto",
                    choices=["auto", "local", "transformer_engine"])
     d = g.add_mutually_exclusive_group()
@@ -83,7 +85,8 @@ def parallel_config(ns: argparse.Namespace) -> ParallelConfig:
 
 def model_config(ns: argparse.Namespace) -> ModelConfig:
     dtype = "bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32"
-    return ModelConfig(dtype=dtype, seq_length=ns.seq_length, transformer_impl=ns.transformer_impl)
+    return ModelConfig(dtype=dtype, seq_length=ns.seq_length, transformer_impl=ns.transformer_impl,
+                       hidden_dropout=ns.hidden_dropout, attention_dropout=ns.attention_dropout)
 
 
 def source_config(ns: argparse.Namespace) -> SourceConfig:

@@ -11,7 +11,10 @@ import torch.distributed as dist
 
 from post_training import checkpoint_io as cio
 from post_training.runtime import Runtime
-from post_training.utils import UsageError, print_rank_0, rank
+from post_training.utils import UsageError, print_rank_0, rank, unwrap
+
+
+TRAINING_KEYS = ("optimizer.", "rng_state")
 
 
 def _agreed(check: Callable[[], None]) -> None:
@@ -96,6 +99,7 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
 
+    model = unwrap(model)
     iter_dir = cio.find_checkpoint(path)
     meta = cio.read_meta(iter_dir)
     _agreed(lambda: cio.verify_files(iter_dir, meta, hashes=verify_hashes))
@@ -111,7 +115,9 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
     except Exception as e:  # unreadable shard, pickle error, ... (files verified above when recorded)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise UsageError(f"could not read checkpoint {iter_dir}: {type(e).__name__}: {first}") from None
-    _report_mismatch(set(missing), set(unexpected), strictness, iter_dir)
+    # A training checkpoint also holds optimizer and RNG entries; they are not model tensors.
+    missing = {k for k in missing if not k.startswith(TRAINING_KEYS)}
+    _report_mismatch(missing, set(unexpected), strictness, iter_dir)
     result = model.load_state_dict(loaded["model"], strict=False)
     real_missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if real_missing and strictness == "raise_all":
@@ -162,6 +168,7 @@ def load_training_state(path: str | Path, model, rt: Runtime, optimizer=None, sc
     ModelOpt state) was loaded and the optimizer built on it. Returns the saved train_state."""
     from megatron.core import dist_checkpointing
 
+    model = unwrap(model)
     iter_dir = cio.find_checkpoint(path)
     meta = cio.read_meta(iter_dir)
     contents = meta.get("contents", {})

@@ -29,7 +29,7 @@ from post_training.checkpoint_load import (
 )
 from post_training.model_builder import ModelConfig, build_model, check_parallel, import_hf_weights
 from post_training.runtime import ParallelConfig, Runtime
-from post_training.utils import UsageError, print_rank_0, rank
+from post_training.utils import UsageError, print_rank_0, rank, unwrap
 
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 STRICTNESS = ("raise_all", "log_all")
@@ -186,6 +186,7 @@ def save_checkpoint(model, rt: Runtime, save_dir: str | Path, iteration: int | N
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
+    model = unwrap(model)
     root = Path(save_dir)
     name = cio.iter_dir_name(iteration)
     box = [None]

@@ -27,11 +27,14 @@ SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """How to build the model. Flags: --bf16/--fp16, --seq-length, --transformer-impl."""
+    """How to build the model. Flags: --bf16/--fp16, --seq-length, --transformer-impl,
+    --hidden-dropout, --attention-dropout (0 by default: post-training fine-tunes)."""
 
     dtype: str = "fp32"
     seq_length: int = 4096
     transformer_impl: str = "auto"  # auto | local | transformer_engine
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -40,6 +43,8 @@ class ModelConfig:
             raise UsageError(f"--transformer-impl must be local or transformer_engine")
         if self.seq_length < 1:
             raise UsageError(f"--seq-length must be >= 1 (got {self.seq_length})")
+        if not (0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1):
+            raise UsageError("--hidden-dropout and --attention-dropout must be in [0, 1)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -107,8 +112,8 @@ def transformer_config_from_hf(hf: Any, rt: Runtime, mcfg: ModelConfig) -> Trans
         add_bias_linear=False,
         add_qkv_bias=arch == "Qwen2ForCausalLM" or bool(_hf_get(hf, "attention_bias", False)),
         qk_layernorm=arch == "Qwen3ForCausalLM",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=mcfg.hidden_dropout,
+        attention_dropout=mcfg.attention_dropout,
         tensor_model_parallel_size=rt.tp,
         pipeline_model_parallel_size=rt.pp,
         sequence_parallel=False,

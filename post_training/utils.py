@@ -22,3 +22,11 @@ def print_rank_0(*args, **kwargs) -> None:
 def warn_rank_0(msg: str) -> None:
     if rank() == 0:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def unwrap(model):
+    """The GPTModel inside megatron-core's DDP / Float16Module wrappers (they hold it as
+    ``.module`` and do not forward ``sharded_state_dict``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
