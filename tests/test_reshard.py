@@ -17,7 +17,7 @@ def saved(tiny_llama, tmp_path_factory):
              "--iteration", "10", "--tp", "2", "--out", str(base / "tp2.pt"))
     torchrun(2, "ckpt.py", "save", "--hf-dir", str(tiny_llama), "--save", str(base / "pp2"),
              "--iteration", "10", "--pp", "2")
-    return base, torch.load(ref)
+    return base, torch.load(ref)["logits"]
 
 
 @pytest.mark.parametrize("src,tp,pp", [("tp2", 1, 1), ("tp2", 1, 2), ("pp2", 2, 1)])
@@ -26,7 +26,7 @@ def test_load_at_other_layout(saved, src, tp, pp):
     out = base / f"{src}_as_tp{tp}pp{pp}.pt"
     torchrun(tp * pp, "ckpt.py", "load", "--load", str(base / src), "--tp", str(tp), "--pp", str(pp),
              "--out", str(out))
-    got = torch.load(out)
+    got = torch.load(out)["logits"]
     diff = (got - ref).abs().max().item()
     print(f"{src} -> TP={tp} PP={pp}: max |logits - original| = {diff:.2e}")
     assert diff < 1e-4
@@ -40,4 +40,22 @@ def test_saved_layout_is_megatron_lm(saved):
     assert (it / "common.pt").is_file() and list(it.glob("*.distcp"))
     assert (it / "metadata.json").is_file() and (it / "toolkit_meta.json").is_file()
     assert (root / "hf_config" / "config.json").is_file()
-    assert torch.allclose(torch.load(base / "tp2.pt"), ref, atol=1e-4)
+    assert torch.allclose(torch.load(base / "tp2.pt")["logits"], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["fp8-kv", "fp8"])
+def test_quantized_tp2_checkpoint_loads_at_tp1(tiny_llama, tmp_path, quant):
+    """Quantizer scales calibrated at TP=2 (FP8 KV cache alone, or FP8 weights + activations +
+    KV cache; amax synced over TP) come back at TP=1 with the same values and logits: the
+    quantizer state reshards with the model."""
+    saved, loaded = tmp_path / "saved.pt", tmp_path / "loaded.pt"
+    torchrun(2, "ckpt.py", "save", "--hf-dir", str(tiny_llama), "--save", str(tmp_path / "q"),
+             "--tp", "2", "--quantize", quant, "--out", str(saved))
+    torchrun(1, "ckpt.py", "load", "--load", str(tmp_path / "q"), "--out", str(loaded))
+    a, b = torch.load(saved), torch.load(loaded)
+    kv = a["amax"][0]
+    assert any("k_bmm_quantizer" in k for k in kv) and all(v.max().item() > 0 for v in kv.values())
+    assert any("weight_quantizer" in k for k in kv) == (quant == "fp8")
+    assert all(torch.equal(a["amax"][1][k], v) for k, v in kv.items())  # TP ranks agree
+    assert all(torch.equal(b["amax"][0][k], v) for k, v in kv.items())
+    assert (a["logits"] - b["logits"]).abs().max().item() < 1e-4

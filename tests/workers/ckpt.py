@@ -27,17 +27,28 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--out")
+    p.add_argument("--quantize", choices=["fp8", "fp8-kv"], help="quantize (and calibrate) before saving")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     src = SourceConfig(pretrained_model_path=a.hf_dir, load=a.load)
     model, _, _ = setup_model(src, ModelConfig(), rt)
+    if a.quantize:
+        import modelopt.torch.quantization as mtq
+
+        base = mtq.FP8_DEFAULT_CFG if a.quantize == "fp8" else {"quant_cfg": None}
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
+        model = mtq.quantize(model, cfg, lambda m: forward_step(m, IDS, None))
     if a.mode == "save":
         save_checkpoint(model, rt, a.save, a.iteration, hf_dir=resolve_hf_dir(src), keep_last=a.keep_last)
     if a.out:
         with torch.inference_mode():
             logits = forward_step(model, IDS, None)
+        amax = {n: m.amax.clone() for n, m in model.named_modules()
+                if n.endswith("_quantizer") and getattr(m, "amax", None) is not None}
+        box = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(box, amax)  # every stage's quantizers
         if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
-            torch.save(logits, a.out)
+            torch.save({"logits": logits, "amax": box}, a.out)
     destroy_runtime()
 
 
