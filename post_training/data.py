@@ -93,3 +93,56 @@ def render_prompt(prompt: Prompt, tokenizer, chat_template: bool = True) -> list
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+# ----------------------------------------------------------------------------- built-in text
+
+# Standard-library modules whose documentation forms the offline text sets: technical English
+# that every Python ships, so calibration and evaluation need no network. Alternate modules go
+# to the two splits, so they never share a paragraph.
+_DOC_MODULES = (
+    "abc argparse array ast asyncio base64 binascii bisect bz2 calendar cmath codecs collections "
+    "concurrent.futures configparser contextlib copy csv dataclasses datetime dbm decimal difflib "
+    "dis doctest email enum fnmatch fractions ftplib functools gc gettext glob gzip hashlib heapq "
+    "hmac html.parser http.client imaplib importlib inspect io itertools json locale logging lzma "
+    "mailbox math mimetypes mmap multiprocessing operator os pathlib pdb pickle pkgutil poplib "
+    "pprint queue random re secrets select selectors shelve shutil signal smtplib socket sqlite3 "
+    "ssl statistics string struct subprocess tarfile tempfile textwrap threading timeit tokenize "
+    "trace traceback tracemalloc typing unittest urllib.request uuid warnings weakref wsgiref "
+    "xml.etree.ElementTree xmlrpc.client zipfile zipimport zlib"
+).split()
+BUILTIN_SPLITS = ("calib", "eval")
+
+
+def builtin_text(split: str) -> str:
+    """Documentation of half the modules above ('calib': even positions, 'eval': odd)."""
+    import importlib
+    import inspect
+
+    if split not in BUILTIN_SPLITS:
+        raise UsageError(f"built-in text split must be one of {BUILTIN_SPLITS} (got {split!r})")
+    parts = []
+    for name in _DOC_MODULES[BUILTIN_SPLITS.index(split)::2]:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        parts.append(inspect.getdoc(mod) or "")
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                doc = inspect.getdoc(obj) or ""
+                if len(doc) > 200:  # skip one-liners: they are mostly signatures
+                    parts.append(doc)
+    return "\n\n".join(p for p in parts if p)
+
+
+def token_chunks(text: str, tokenizer, seq_length: int, max_chunks: int | None = None) -> list[list[int]]:
+    """Consecutive non-overlapping ``seq_length``-token windows of ``text`` (the tail that does
+    not fill a window is dropped)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_length
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    return [ids[i * seq_length:(i + 1) * seq_length] for i in range(n)]
