@@ -102,6 +102,9 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
     model = unwrap(model)
     iter_dir = cio.find_checkpoint(path)
     meta = cio.read_meta(iter_dir)
+    if meta.get("modelopt_modes") and not (iter_dir / "modelopt_state").is_dir():
+        raise UsageError(f"checkpoint {iter_dir} was saved with ModelOpt modes {meta['modelopt_modes']} "
+                         f"but its modelopt_state/ is missing: the quantizers cannot be restored")
     _agreed(lambda: cio.verify_files(iter_dir, meta, hashes=verify_hashes))
     _agreed(lambda: check_modelopt_version(iter_dir))
     try:

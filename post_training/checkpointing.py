@@ -201,7 +201,6 @@ def save_checkpoint(model, rt: Runtime, save_dir: str | Path, iteration: int | N
     staging = Path(box[0])
     t0 = time.perf_counter()
 
-    save_sharded_modelopt_state([model], staging)
     model_sd = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd, "checkpoint_version": CHECKPOINT_VERSION,
                              "iteration": iteration if iteration is not None else 0}
@@ -215,6 +214,8 @@ def save_checkpoint(model, rt: Runtime, save_dir: str | Path, iteration: int | N
         state["train_state"] = dict(train_state)
         state["rng_state"] = rng_sharded_object(rt, [rng_state()])
     dist_checkpointing.save(state, str(staging))
+    # After the main save: megatron-core warns about (and would clear) a non-empty target dir.
+    save_sharded_modelopt_state([model], staging)
     if dist.is_initialized():
         dist.barrier()
     if rank() == 0:

@@ -1,0 +1,75 @@
+"""PTQ: config resolution, calibration data, scripts/quantize.sh end to end over gloo ranks."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from dist_utils import clean_env, run_script, torchrun
+from post_training.quantize import QuantizeConfig, available_formats, calibration_samples, resolve_quant_cfg
+from post_training.utils import UsageError
+
+
+def test_config_by_name_recipe_and_kv_cache(tmp_path):
+    assert {"FP8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG", "NVFP4_DEFAULT_CFG",
+            "MXFP8_DEFAULT_CFG", "W4A8_AWQ_BETA_CFG"} <= set(available_formats())
+    with pytest.raises(UsageError, match="unknown quantization config 'FP9'.*FP8_DEFAULT_CFG"):
+        resolve_quant_cfg("FP9")
+    cfg = resolve_quant_cfg("FP8_DEFAULT_CFG", "fp8")
+    assert any(e.get("quantizer_name") == "*[kv]_bmm_quantizer" for e in cfg["quant_cfg"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quant_cfg:\n  - {quantizer_name: '*', enable: false}\n"
+                      "  - {quantizer_name: '*weight_quantizer', cfg: {num_bits: 8, axis: 0}}\nalgorithm: max\n")
+    assert resolve_quant_cfg(str(recipe))["algorithm"] == "max"
+    recipe.write_text("quant_cfg: [unclosed\n")
+    with pytest.raises(UsageError, match="does not parse"):
+        resolve_quant_cfg(str(recipe))
+    recipe.write_text("algorithm: max\n")
+    with pytest.raises(UsageError, match="needs a 'quant_cfg' list"):
+        resolve_quant_cfg(str(recipe))
+    with pytest.raises(UsageError, match="export-kv-cache-quant"):
+        QuantizeConfig(kv_cache_quant="int3")
+
+
+def test_calibration_sources(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert [len(s) for s in calibration_samples(QuantizeConfig(calib_size=3, calib_seq_length=64), tok)] == [64] * 3
+    chat = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "Tell me about tides. " * 20}, {"role": "assistant", "content": "Tides " * 40}]
+    chat.write_text("\n".join(json.dumps({"messages": msgs}) for _ in range(4)))
+    samples = calibration_samples(QuantizeConfig(calib_dataset=str(chat), calib_size=2, calib_seq_length=64), tok)
+    assert "<|im_start|>user" in tok.decode(samples[0])  # rendered with the chat template
+    with pytest.raises(UsageError, match="has .* tokens: .* fewer than --calib-size 500"):
+        calibration_samples(QuantizeConfig(calib_dataset=str(chat), calib_size=500, calib_seq_length=64), tok)
+    with pytest.raises(UsageError, match="not found"):
+        calibration_samples(QuantizeConfig(calib_dataset=str(tmp_path / "no.jsonl")), tok)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UsageError, match="is empty"):
+        calibration_samples(QuantizeConfig(calib_dataset=str(tmp_path / "empty.txt")), tok)
+
+
+@pytest.mark.slow
+def test_quantize_script_tp2_checkpoint_reloads(tiny_llama, tmp_path):
+    """quantize.sh at TP=2 saves a checkpoint that reloads (TP=2 and TP=1) to identical logits;
+    without its modelopt_state it is refused with one line."""
+    save = tmp_path / "q"
+    res = run_script("quantize.sh", "HuggingFaceTB/SmolLM2-135M-Instruct", "FP8_DEFAULT_CFG",
+                     "--export-kv-cache-quant", "fp8", "--calib-size", "2", "--calib-seq-length", "32",
+                     "--max-new-tokens", "4",
+                     env=clean_env(TP="2", HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(save)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "quantization summary (PP stage 0, TP rank 0 of 2)" in res.stdout
+    assert "k_bmm_quantizer" in res.stdout and "----- after -----" in res.stdout
+    meta = json.loads((save / "release" / "toolkit_meta.json").read_text())
+    assert meta["modelopt_modes"] and meta["parallel"]["tp"] == 2
+    outs = []
+    for tp in (2, 1):
+        out = tmp_path / f"tp{tp}.pt"
+        torchrun(tp, "ckpt.py", "load", "--load", str(save), "--tp", str(tp), "--out", str(out))
+        outs.append(torch.load(out))
+    assert (outs[0]["logits"] - outs[1]["logits"]).abs().max().item() < 1e-4
+    shutil.rmtree(save / "release" / "modelopt_state")
+    res = run_script("generate.sh", "--max-new-tokens", "2", env=clean_env(MLM_MODEL_CKPT=str(save)))
+    assert res.returncode == 2 and "modelopt_state/ is missing" in res.stderr
