@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
+from post_training.runtime import block_quant_cpu
+
 _CPU = torch.device("cpu")
 
 
@@ -52,6 +54,12 @@ SHIMS: list[Shim] = [
          "(assert param.grad.type() == 'torch.cuda.FloatTensor'), "
          "optimizer.Float16OptimizerWithFloat16Params and distrib_optimizer "
          "(param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor'])"),
+    Shim("ModelOpt dynamic block quantization (NVFP4, MXFP8/MXFP6/MXFP4/MXINT8) -> plain-torch "
+         "emulation of its CUDA/Triton kernels, same rounding (runtime/block_quant_cpu.py)",
+         "modelopt.torch.quantization.tensor_quant._dynamic_block_quantize_impl, the CPU kernel of "
+         "torch.ops.tensorrt.dynamic_block_quantize_op ('amax must be a CUDA tensor for dynamic "
+         "block quantization' for NVFP4; get_cuda_ext_mx().fused_amax_convert for MX), reached "
+         "from TensorQuantizer._fake_quantize via DynamicBlockQuantizationFunction"),
 ]
 
 _applied = False
@@ -117,6 +125,7 @@ def apply() -> bool:
         mod.get_rng_state = _cpu_rng_state
         mod.set_rng_state = _set_cpu_rng_state
     _patch_megatron_rng()
+    block_quant_cpu.install()  # NVFP4 / MX fake quantization without CUDA kernels
     _mode = CudaToCpuMode()
     _mode.__enter__()  # stays pushed for the life of the process
     _applied = True
