@@ -1,0 +1,201 @@
+"""Zero-shot multiple-choice accuracy on an MMLU-format file, correct at any TP/PP/DP.
+
+Prompt: the original MMLU / lm-evaluation-harness zero-shot template, raw text (no chat
+template), tokenized with the tokenizer's own special tokens (its BOS, if it adds one)::
+
+    The following are multiple choice questions (with answers) about {subject}.\\n
+    \\n
+    {question}\\n
+    A. {choice A}\\n
+    B. {choice B}\\n
+    C. {choice C}\\n
+    D. {choice D}\\n
+    Answer:
+
+(`` about {subject}`` is left out when a row has no subject; underscores become spaces.) Each
+choice is scored by the log-likelihood of the continuation ``" A"`` / ``" B"`` / ``" C"`` /
+``" D"`` after the prompt: its tokens are those of prompt + continuation past the prompt's own
+tokens (lm-evaluation-harness's rule). The prediction is the best-scoring letter (the first on a
+tie); accuracy is the fraction of predictions equal to the answer.
+
+File formats:
+- ``.jsonl``: one object a line with ``question``, the choices as ``choices`` (a list of 4) or
+  ``A`` ``B`` ``C`` ``D``, ``answer`` (a letter A-D or an index 0-3), optional ``subject``.
+- ``.csv``: a header row naming ``question,A,B,C,D,answer`` (``subject`` optional, any order), or
+  no header and the original MMLU column order ``question,A,B,C,D,answer``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from post_training.evaluate import agree, dp_shard
+from post_training.generate import forward_step
+from post_training.utils import UsageError
+
+LETTERS = ("A", "B", "C", "D")
+HEADER = "The following are multiple choice questions (with answers){}.\n\n"
+
+
+@dataclass(kw_only=True)
+class Question:
+    question: str
+    choices: list[str]
+    answer: int  # index into LETTERS
+    subject: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.question.strip():
+            raise ValueError("empty question")
+        if len(self.choices) != 4 or not all(isinstance(c, str) and c.strip() for c in self.choices):
+            raise ValueError("expected 4 non-empty choices")
+        if self.answer not in range(4):
+            raise ValueError(f"answer index {self.answer} is not in 0-3")
+
+
+def prompt(q: Question) -> str:
+    """The zero-shot prompt for ``q`` (see the module docstring)."""
+    about = f" about {q.subject.replace('_', ' ').strip()}" if q.subject and q.subject.strip() else ""
+    body = "\n".join(f"{l}. {c.strip()}" for l, c in zip(LETTERS, q.choices))
+    return f"{HEADER.format(about)}{q.question.strip()}\n{body}\nAnswer:"
+
+
+def _answer_index(value, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
+        return value
+    if isinstance(value, str) and value.strip().upper() in LETTERS:
+        return LETTERS.index(value.strip().upper())
+    raise UsageError(f"{where}: answer must be a letter A-D or an index 0-3 (got {value!r})")
+
+
+def _question(row: dict, where: str) -> Question:
+    if "choices" in row:
+        choices = row["choices"]
+    elif all(l in row for l in LETTERS):
+        choices = [row[l] for l in LETTERS]
+    else:
+        raise UsageError(f"{where}: needs 'choices' (a list of 4) or columns A, B, C, D")
+    if not isinstance(row.get("question"), str):
+        raise UsageError(f"{where}: needs a 'question' string")
+    if "answer" not in row:
+        raise UsageError(f"{where}: needs an 'answer' (a letter A-D or an index 0-3)")
+    subject = row.get("subject")
+    try:
+        return Question(question=row["question"], choices=list(choices) if isinstance(choices, list) else [],
+                        answer=_answer_index(row["answer"], where),
+                        subject=subject if isinstance(subject, str) else None)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _csv_rows(p: Path, text: str) -> list[tuple[dict, str]]:
+    """(row as a dict, where) for a csv with a header naming the columns, or without one."""
+    rows = [(n, r) for n, r in enumerate(csv.reader(text.splitlines()), 1) if any(c.strip() for c in r)]
+    head = [c.strip() for c in rows[0][1]]
+    if {"question", "answer"} <= {c.lower() for c in head}:
+        keys, rows = [c if c in LETTERS else c.lower() for c in head], rows[1:]
+    else:
+        keys = ["question", *LETTERS, "answer"]
+    out = []
+    for n, r in rows:
+        if len(r) != len(keys):
+            raise UsageError(f"MMLU file {p} row {n}: expected {len(keys)} columns, got {len(r)}")
+        out.append((dict(zip(keys, r)), f"MMLU file {p} row {n}"))
+    return out
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Questions of an MMLU-format .csv or .jsonl file; any problem is a UsageError naming the
+    line or row."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"MMLU file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"MMLU file {p} is not UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"MMLU file {p} is empty")
+    if p.suffix.lower() == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"MMLU file {p} line {n} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"MMLU file {p} line {n}: expected a JSON object")
+            rows.append((row, f"MMLU file {p} line {n}"))
+    elif p.suffix.lower() == ".csv":
+        rows = _csv_rows(p, text)
+    else:
+        raise UsageError(f"MMLU file {p}: expected a .csv or .jsonl file")
+    if not rows:
+        raise UsageError(f"MMLU file {p} has no questions")
+    return [_question(r, w) for r, w in rows]
+
+
+def encode(q: Question, tokenizer) -> tuple[list[int], list[list[int]]]:
+    """Prompt token ids and, per choice, the continuation token ids to score."""
+    text = prompt(q)
+    ctx = tokenizer(text, add_special_tokens=True)["input_ids"]
+    conts = []
+    for letter in LETTERS:
+        whole = tokenizer(f"{text} {letter}", add_special_tokens=True)["input_ids"]
+        if whole[:len(ctx)] != ctx or len(whole) == len(ctx):  # the merge crossed the boundary
+            whole = ctx + tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
+        conts.append(whole[len(ctx):])
+    return ctx, conts
+
+
+@dataclass
+class ChoiceResult:
+    loglik: torch.Tensor  # [questions, 4] fp64 log-likelihood of each answer letter
+    answers: list[int]
+
+    @property
+    def predictions(self) -> list[int]:
+        return self.loglik.argmax(dim=1).tolist()  # argmax returns the first maximum
+
+    @property
+    def correct(self) -> int:
+        return sum(p == a for p, a in zip(self.predictions, self.answers))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / len(self.answers)
+
+
+@torch.inference_mode()
+def score(model, questions: list[Question], tokenizer, micro_batch_size: int = 1) -> ChoiceResult:
+    """Log-likelihood of each answer letter for each question. Collective: every rank calls it
+    with the same questions and gets the same result. ``micro_batch_size`` questions (4
+    right-padded sequences each; causal attention makes the padding harmless) per forward."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loglik = torch.zeros(len(questions), 4, dtype=torch.float64, device=device)
+    mine = list(dp_shard(len(questions)))
+    for start in range(0, len(mine), micro_batch_size):
+        idx = mine[start:start + micro_batch_size]
+        seqs, spans = [], []
+        for i in idx:
+            ctx, conts = encode(questions[i], tokenizer)
+            for c in conts:
+                seqs.append(ctx + c)
+                spans.append((len(ctx), c))
+        width = max(len(s) for s in seqs)
+        tokens = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+        logits = forward_step(model, tokens, None)
+        if logits is None:  # not the last stage
+            continue
+        for row, (n_ctx, cont) in enumerate(spans):
+            logp = torch.log_softmax(logits[row, n_ctx - 1:n_ctx - 1 + len(cont)].float(), dim=-1)
+            target = torch.tensor(cont, device=device).unsqueeze(1)
+            loglik[idx[row // 4], row % 4] = logp.gather(1, target).double().sum()
+    return ChoiceResult(loglik=agree(loglik), answers=[q.answer for q in questions])
