@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--out")
-    p.add_argument("--quantize", choices=["fp8", "fp8-kv"], help="quantize (and calibrate) before saving")
+    p.add_argument("--quantize", choices=["fp8", "fp8-kv", "int8"], help="quantize (and calibrate) before saving")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     src = SourceConfig(pretrained_model_path=a.hf_dir, load=a.load)
@@ -35,7 +35,7 @@ def main() -> None:
     if a.quantize:
         import modelopt.torch.quantization as mtq
 
-        base = mtq.FP8_DEFAULT_CFG if a.quantize == "fp8" else {"quant_cfg": None}
+        base = {"fp8": mtq.FP8_DEFAULT_CFG, "int8": mtq.INT8_DEFAULT_CFG}.get(a.quantize, {"quant_cfg": None})
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
         model = mtq.quantize(model, cfg, lambda m: forward_step(m, IDS, None))
     if a.mode == "save":
