@@ -89,3 +89,39 @@ class QuantSDPAttention(QuantModule):
 
     def set_extra_state(self, state: Any) -> None:
         return None
+
+
+def _glu_quantizer_sharding_fix() -> None:
+    """Apply megatron's SwiGLU sharded factory to ``linear_fc1``'s per-channel quantizer state.
+
+    ModelOpt's ``_MegatronMLP.sharded_state_dict`` (modelopt/torch/opt/plugins/megatron.py)
+    means to do this, but tests its key patterns (``weight_quantizer\\.(\\d+\\.)*_amax$``) with
+    ``re.match`` against full prefixed keys (``decoder.layers.0.mlp.linear_fc1...``), which
+    never match. The amax is then saved TP-chunked as [gate_0, up_0, gate_1, up_1] while the
+    weight is saved as [gate, up]: loaded at another TP, channel scales land on the wrong rows
+    (INT8 per-channel, TP=2 -> TP=1: logits off by 0.36). Same logic, ``re.search``."""
+    import re
+
+    from megatron.core.transformer import mlp as megatron_mlp
+    from modelopt.torch.opt.plugins.megatron import _MegatronMLP
+
+    if getattr(_MegatronMLP, "_post_training_fixed", False):
+        return
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        metadata = dict(metadata or {})
+        metadata["singleton_local_shards"] = True
+        sd = super(_MegatronMLP, self).sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.config.gated_linear_unit:
+            return sd
+        patterns = [re.compile(p) for p in self._modelopt_state_keys]
+        for k, v in sd.items():
+            if "linear_fc1" in k and any(p.search(k) for p in patterns):
+                sd[k] = megatron_mlp.apply_swiglu_sharded_factory(
+                    v, sharded_offsets, metadata["singleton_local_shards"])
+        return sd
+
+    _MegatronMLP.sharded_state_dict = sharded_state_dict
+    _MegatronMLP._post_training_fixed = True
+
+
+_glu_quantizer_sharding_fix()

@@ -59,3 +59,27 @@ def test_quantized_tp2_checkpoint_loads_at_tp1(tiny_llama, tmp_path, quant):
     assert all(torch.equal(a["amax"][1][k], v) for k, v in kv.items())  # TP ranks agree
     assert all(torch.equal(b["amax"][0][k], v) for k, v in kv.items())
     assert (a["logits"] - b["logits"]).abs().max().item() < 1e-4
+
+
+def test_int8_per_channel_scales_follow_the_weights_across_tp(tiny_llama, tmp_path):
+    """Per-channel INT8 weight scales saved at TP=2 load at TP=1 in the weights' channel order:
+    column-parallel scales concatenate over ranks, linear_fc1's (gate/up fused) go through
+    megatron's SwiGLU layout like its weight (ModelOpt meant to, see quant_modules), and
+    replicated scales agree. (Logits still differ by ~0.06: open, see the quantization issue.)"""
+    saved, loaded = tmp_path / "saved.pt", tmp_path / "loaded.pt"
+    torchrun(2, "ckpt.py", "save", "--hf-dir", str(tiny_llama), "--save", str(tmp_path / "q"),
+             "--tp", "2", "--quantize", "int8", "--out", str(saved))
+    torchrun(1, "ckpt.py", "load", "--load", str(tmp_path / "q"), "--out", str(loaded))
+    r0, r1 = torch.load(saved)["amax"][:2]
+    one = torch.load(loaded)["amax"][0]
+
+    def swiglu(a, b):  # [gate_r; up_r] per rank -> [gate_0, gate_1, up_0, up_1]
+        return torch.cat([a[: len(a) // 2], b[: len(b) // 2], a[len(a) // 2:], b[len(b) // 2:]])
+
+    assert any("linear_fc1.weight_quantizer" in k for k in one)
+    for k, v in one.items():
+        if r0[k].shape == v.shape:
+            assert torch.equal(r0[k], v) and torch.equal(r1[k], v), k
+        else:
+            want = swiglu(r0[k], r1[k]) if "linear_fc1" in k else torch.cat([r0[k], r1[k]])
+            assert torch.equal(want, v), k
