@@ -115,7 +115,10 @@ def _glu_quantizer_sharding_fix() -> None:
             return sd
         patterns = [re.compile(p) for p in self._modelopt_state_keys]
         for k, v in sd.items():
-            if "linear_fc1" in k and any(p.search(k) for p in patterns):
+            # Only per-channel state has the gate/up row layout; per-tensor (scalar) state is
+            # replicated and must stay as it is.
+            per_channel = getattr(v, "data", None) is not None and v.data.dim() > 0 and v.data.numel() > 1
+            if "linear_fc1" in k and per_channel and any(p.search(k) for p in patterns):
                 sd[k] = megatron_mlp.apply_swiglu_sharded_factory(
                     v, sharded_offsets, metadata["singleton_local_shards"])
         return sd
