@@ -16,6 +16,20 @@ DEFAULT_PROMPTS: list[Prompt] = [
 ]
 
 
+def read_user_text(path: str | Path, what: str, encoding: str = "utf-8") -> tuple[Path, str]:
+    """A user's text file, or one clear error: missing, not text, or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} not found: {p}")
+    try:
+        text = p.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {p} is not UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"{what} {p} is empty")
+    return p, text
+
+
 def _check_messages(msgs, where: str) -> list:
     if not isinstance(msgs, list) or not msgs or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -40,15 +54,7 @@ def load_prompts(path: str | None) -> list[Prompt]:
     {"messages": [...]} a line, read with ``datasets``), or text (one prompt a line)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"prompts file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"prompts file {p} is not UTF-8 text") from None
-    if not text.strip():
-        raise UsageError(f"prompts file {p} is empty")
+    p, text = read_user_text(path, "prompts file")
     if p.suffix == ".json":
         try:
             data = json.loads(text)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from post_training.data import read_user_text
 from post_training.evaluate import agree, dp_shard
 from post_training.generate import forward_step
 from post_training.utils import UsageError
@@ -111,15 +112,7 @@ def _csv_rows(p: Path, text: str) -> list[tuple[dict, str]]:
 def load_questions(path: str | Path) -> list[Question]:
     """Questions of an MMLU-format .csv or .jsonl file; any problem is a UsageError naming the
     line or row."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"MMLU file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"MMLU file {p} is not UTF-8 text") from None
-    if not text.strip():
-        raise UsageError(f"MMLU file {p} is empty")
+    p, text = read_user_text(path, "MMLU file", encoding="utf-8-sig")
     if p.suffix.lower() == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
