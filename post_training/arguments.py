@@ -104,6 +104,11 @@ def source_config(ns: argparse.Namespace) -> SourceConfig:
     )
 
 
+def common_configs(ns: argparse.Namespace) -> tuple[ParallelConfig, ModelConfig, SourceConfig]:
+    """The three configs every task needs, from the common flags."""
+    return parallel_config(ns), model_config(ns), source_config(ns)
+
+
 def generate_config(ns: argparse.Namespace, stop_token_ids: list[int] | None = None) -> GenerateConfig:
     return GenerateConfig(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                           top_p=ns.top_p, top_k=ns.top_k, seed=ns.seed,

@@ -92,12 +92,13 @@ class SourceConfig:
 def resolve_hf_dir(src: SourceConfig) -> Path:
     """The HF directory (config + tokenizer, and weights unless a dist checkpoint is loaded).
     Rank 0 materializes the embedded model; the others wait for it."""
-    if src.load and src.load_kind() == "dist":
+    kind = src.load_kind() if src.load else None
+    if kind == "dist":
         saved = cio.find_checkpoint(src.load).parent / cio.HF_CONFIG_DIR
         if saved.is_dir():
             return saved
     conf = hf.load_conf(src.model_conf)
-    path = src.load if src.load and src.load_kind() == "hf" else src.pretrained_model_path
+    path = src.load if kind == "hf" else src.pretrained_model_path
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return hf.resolve_hf_dir(conf, path)

@@ -14,7 +14,7 @@ from post_training.utils import UsageError, print_rank_0
 def main(argv: list[str]) -> int:
     preflight, argv = split_preflight(argv)
     ns = arguments.parse(argv, prog="convert")
-    par, mcfg, src = arguments.parallel_config(ns), arguments.model_config(ns), arguments.source_config(ns)
+    par, mcfg, src = arguments.common_configs(ns)
     if not src.save:
         raise UsageError("convert needs --save (MLM_MODEL_SAVE): where to write the dist checkpoint")
     src.validate(par)

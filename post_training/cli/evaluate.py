@@ -67,7 +67,7 @@ def _inputs(ecfg: EvalConfig, src: SourceConfig) -> list[list[int]]:
 def main(argv: list[str]) -> int:
     preflight, argv = split_preflight(argv)
     ns = arguments.parse(argv, add_evaluate_args, prog="evaluate")
-    par, mcfg, src = arguments.parallel_config(ns), arguments.model_config(ns), arguments.source_config(ns)
+    par, mcfg, src = arguments.common_configs(ns)
     ecfg = eval_config(ns)
     src.validate(par)
     questions: list[Question] | None = load_questions(ecfg.mmlu_path) if ecfg.mmlu_path else None

@@ -31,7 +31,7 @@ def export_config(ns: argparse.Namespace) -> ExportConfig:
 def main(argv: list[str]) -> int:
     preflight, argv = split_preflight(argv)
     ns = arguments.parse(argv, add_export_args, prog="export")
-    par, mcfg, src = arguments.parallel_config(ns), arguments.model_config(ns), arguments.source_config(ns)
+    par, mcfg, src = arguments.common_configs(ns)
     ecfg = export_config(ns)
     src.validate(par)
     ecfg.validate(src)

@@ -25,7 +25,7 @@ def stop_ids(tokenizer, hf_config) -> list[int]:
 def main(argv: list[str]) -> int:
     preflight, argv = split_preflight(argv)
     ns = arguments.parse(argv, arguments.add_generate_args, prog="generate")
-    par, mcfg, src = arguments.parallel_config(ns), arguments.model_config(ns), arguments.source_config(ns)
+    par, mcfg, src = arguments.common_configs(ns)
     arguments.generate_config(ns)  # validates sampling flags
     src.validate(par)
     prompts = load_prompts(ns.prompts_file)

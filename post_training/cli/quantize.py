@@ -52,7 +52,7 @@ def _summary(model, rt) -> None:
 def main(argv: list[str]) -> int:
     preflight, argv = split_preflight(argv)
     ns = arguments.parse(argv, add_quantize_args, prog="quantize")
-    par, mcfg, src = arguments.parallel_config(ns), arguments.model_config(ns), arguments.source_config(ns)
+    par, mcfg, src = arguments.common_configs(ns)
     qcfg = QuantizeConfig(quant_cfg=src.export_quant_cfg or "FP8_DEFAULT_CFG",
                           kv_cache_quant=ns.export_kv_cache_quant, calib_dataset=ns.calib_dataset,
                           calib_split=ns.calib_dataset_split, calib_field=ns.calib_dataset_field,
