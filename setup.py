@@ -23,7 +23,12 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest"],
+        "test": ["pytest", "peft"],
     },
-    entry_points={"console_scripts": ["pt-generate=post_training.cli.generate:cli_main"]},
+    entry_points={
+        "console_scripts": [
+            "pt-generate=post_training.cli.generate:cli_main",
+            "pt-ckpt=post_training.ckpt.cli:cli_main",
+        ]
+    },
 )

@@ -1,0 +1,76 @@
+"""The one way this toolkit reads pickle-based weight files (``.pt``, ``.bin``, ``.pth``).
+
+``torch.load(weights_only=True)`` only rebuilds tensors and plain containers, so a malicious
+file cannot run code. A file that needs other globals (an ``argparse.Namespace`` in Megatron's
+legacy checkpoints, a custom class) is refused with the names of the globals it asked for,
+unless the caller passes ``trust_pickle=True`` (``--trust-pickle`` on the command line).
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from post_training.utils import UsageError, warn_rank_0
+
+
+def unsafe_globals(path: str | Path) -> list[str]:
+    """Globals a zip-format torch file references beyond what ``weights_only`` allows."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) format, or unreadable: the load itself will say more
+        return []
+
+
+def safe_torch_load(path: str | Path, trust_pickle: bool = False, mmap: bool = True) -> Any:
+    """Load a torch pickle file on CPU without executing code unless ``trust_pickle``.
+
+    ``mmap`` maps zip-format files instead of reading them, so converting a large file needs
+    little more memory than its largest tensor; legacy-format files are read normally.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        names = unsafe_globals(path) or [_global_from_message(str(e))]
+        if not trust_pickle:
+            raise UsageError(
+                f"{path} needs pickle globals {', '.join(names)} to load; loading it could run code "
+                "from the file (pass --trust-pickle only if you trust where it came from)"
+            ) from None
+        warn_rank_0(f"{path}: loading with full pickle (--trust-pickle): globals {', '.join(names)}")
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{path} is not a readable torch file ({str(e).splitlines()[0]})") from None
+
+
+def _global_from_message(msg: str) -> str:
+    # torch's message reads "... Unsupported global: GLOBAL foo.Bar was not an allowed global ..."
+    for line in msg.splitlines():
+        if "GLOBAL" in line:
+            return line.split("GLOBAL", 1)[1].split()[0]
+    return "<unknown>"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_sha256sums(root: Path, names: list[str] | None = None) -> Path:
+    """``SHA256SUMS`` in ``sha256sum -c`` format for the given files (default: all files)."""
+    names = sorted(names if names is not None else [p.name for p in root.iterdir() if p.is_file()])
+    lines = [f"{sha256_file(root / n)}  {n}" for n in names if n != "SHA256SUMS"]
+    out = root / "SHA256SUMS"
+    out.write_text("\n".join(lines) + "\n")
+    return out
