@@ -109,6 +109,9 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
     _agreed(lambda: check_modelopt_version(iter_dir))
     try:
         restore_sharded_modelopt_state([model], str(iter_dir))
+        from post_training.quant_modules import disable_unsaved_output_layer_quantizers
+
+        disable_unsaved_output_layer_quantizers(model, iter_dir)
         model_sd = model.sharded_state_dict()
         _agreed(lambda: check_shapes(model_sd, iter_dir, meta))
         loaded, missing, unexpected = dist_checkpointing.load(

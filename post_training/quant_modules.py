@@ -128,3 +128,59 @@ def _glu_quantizer_sharding_fix() -> None:
 
 
 _glu_quantizer_sharding_fix()
+
+
+def _output_layer_extra_state_fix() -> None:
+    """``GPTModel.sharded_state_dict`` (megatron-core 0.16.1) drops ``output_layer._extra_state``
+    and asserts it is empty. ModelOpt 0.47 patches only an older version of that method (it warns
+    "not the version ModelOpt patches"), so the output layer's quantizer state was never saved.
+    For ``auto_quantize`` checkpoints that is wrong, not just lossy: restoring its mode enables
+    8-bit quantizers everywhere and relies on each module's saved state to set them back, so the
+    output layer came back quantized (and loading asserted: "Boolean value of Tensor ... is
+    ambiguous"). Here the upstream method runs with that state hidden and the entry is kept
+    whenever it carries data, which is what ModelOpt's own patch does for older megatron-core."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    if getattr(GPTModel.sharded_state_dict, "_post_training_fixed", False):
+        return
+    upstream = GPTModel.sharded_state_dict
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        out = getattr(self, "output_layer", None)
+        if out is None or "get_extra_state" not in vars(out):  # no ModelOpt per-instance hook
+            return upstream(self, prefix, sharded_offsets, metadata)
+        hook = out.get_extra_state
+        out.get_extra_state = lambda: None
+        try:
+            sd = upstream(self, prefix, sharded_offsets, metadata)
+        finally:
+            out.get_extra_state = hook
+        key = f"{prefix}output_layer._extra_state"
+        extra = out.sharded_state_dict(prefix=f"{prefix}output_layer.", metadata=metadata).get(key)
+        data = getattr(extra, "data", None)
+        if data is not None and (not isinstance(data, torch.Tensor) or data.numel() > 0):
+            sd[key] = extra
+        return sd
+
+    sharded_state_dict._post_training_fixed = True
+    GPTModel.sharded_state_dict = sharded_state_dict
+
+
+_output_layer_extra_state_fix()
+
+
+def disable_unsaved_output_layer_quantizers(model, iter_dir) -> None:
+    """After restoring ModelOpt state: an output layer whose quantizer state is absent from the
+    checkpoint had nothing enabled when saved (ModelOpt writes none for a disabled output layer),
+    but modes such as ``auto_quantize`` restore every quantizer enabled and rely on that saved
+    state to switch them back off. Switch them off here, so the model matches what was saved."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out = getattr(model, "output_layer", None)
+    quantizers = [m for m in out.modules() if isinstance(m, TensorQuantizer)] if out is not None else []
+    if not quantizers:
+        return
+    keys = FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata
+    if not any(k.startswith("output_layer._extra_state") for k in keys):
+        for q in quantizers:
+            q.disable()

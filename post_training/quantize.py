@@ -22,6 +22,8 @@ KV_CACHE_CFGS = {"none": None, "fp8": "FP8_KV_CFG", "fp8_affine": "FP8_AFFINE_KV
                  "nvfp4": "NVFP4_KV_CFG", "nvfp4_affine": "NVFP4_AFFINE_KV_CFG",
                  "nvfp4_rotate": "NVFP4_KV_ROTATE_CFG"}
 BUILTIN = "builtin"
+AUTO = "auto"  # --export-quant-cfg auto: per-layer format search (mtq.auto_quantize)
+AUTO_METHODS = ("gradient", "kl_div")
 
 
 @dataclass(kw_only=True)
@@ -36,8 +38,24 @@ class QuantizeConfig:
     calib_field: str | None = None
     calib_size: int = 32  # samples of calib_seq_length tokens
     calib_seq_length: int = 512
+    # auto-quantize (--auto-quantize-bits / -formats / -method / -score-size)
+    auto_bits: float | None = None  # effective weight bits the searched model must not exceed
+    auto_formats: str = "FP8_DEFAULT_CFG,INT4_AWQ_CFG"  # candidates; "no quantization" is implied
+    auto_method: str = "gradient"
+    auto_score_size: int = 16  # samples used to score layer sensitivity (calibration uses all)
 
     def __post_init__(self) -> None:
+        if self.quant_cfg == AUTO:
+            if self.auto_bits is None:
+                raise UsageError("--export-quant-cfg auto needs --auto-quantize-bits (e.g. 6.0)")
+            if not 1.0 <= self.auto_bits <= 16.0:
+                raise UsageError(f"--auto-quantize-bits must be in [1, 16] (got {self.auto_bits})")
+            if self.auto_method not in AUTO_METHODS:
+                raise UsageError(f"--auto-quantize-method must be one of {', '.join(AUTO_METHODS)}")
+            if self.auto_score_size < 1:
+                raise UsageError("--auto-quantize-score-size must be >= 1")
+        elif self.auto_bits is not None:
+            raise UsageError("--auto-quantize-bits only applies to --export-quant-cfg auto")
         if self.kv_cache_quant not in KV_CACHE_CFGS:
             raise UsageError(f"--export-kv-cache-quant must be one of {', '.join(KV_CACHE_CFGS)} "
                              f"(got {self.kv_cache_quant!r})")
@@ -54,12 +72,15 @@ def available_formats() -> list[str]:
 
 
 def resolve_quant_cfg(spec: str, kv_cache_quant: str = "none") -> dict[str, Any]:
-    """A ModelOpt quantization config from a name or a recipe file, with the KV-cache format."""
+    """A ModelOpt quantization config from a name or a recipe file, with the KV-cache format.
+    For ``auto`` this is the KV-cache part alone (applied after the search)."""
     import copy
 
     import modelopt.torch.quantization as mtq
 
-    if spec.endswith((".yaml", ".yml", ".json")):
+    if spec == AUTO:
+        cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+    elif spec.endswith((".yaml", ".yml", ".json")):
         cfg = _read_recipe(Path(spec))
     elif spec in available_formats():
         cfg = copy.deepcopy(getattr(mtq, spec))
@@ -67,7 +88,9 @@ def resolve_quant_cfg(spec: str, kv_cache_quant: str = "none") -> dict[str, Any]
         raise UsageError(f"unknown quantization config {spec!r}; valid: {', '.join(available_formats())} "
                          f"(or a .yaml/.json recipe file)")
     kv = KV_CACHE_CFGS[kv_cache_quant]
-    if kv is not None:
+    if kv is not None and spec == AUTO:
+        cfg = {"quant_cfg": list(getattr(mtq, kv)["quant_cfg"]), "algorithm": "max"}
+    elif kv is not None:
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, getattr(mtq, kv)["quant_cfg"])
     return cfg
 
@@ -168,3 +191,63 @@ def quantize(model, cfg: dict[str, Any], loop: Callable[[Any], None]):
     import modelopt.torch.quantization as mtq
 
     return mtq.quantize(model, cfg, loop)
+
+
+def auto_formats(qcfg: QuantizeConfig) -> list[str]:
+    names = [n.strip() for n in qcfg.auto_formats.split(",") if n.strip()]
+    valid = available_formats()
+    bad = [n for n in names if n not in valid]
+    if not names or bad:
+        raise UsageError(f"--auto-quantize-formats: unknown {', '.join(bad) or '(empty)'}; valid: {', '.join(valid)}")
+    return names
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the next token: the loss whose gradients score layer sensitivity."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def auto_quantize(model, qcfg: QuantizeConfig, samples: list[list[int]],
+                  forward: Callable[[Any, torch.Tensor], Any], kv_cfg: dict[str, Any] | None) -> tuple[Any, dict]:
+    """Search a format per layer (or none) under an effective-bits budget with ModelOpt's
+    ``auto_quantize``, then quantize the KV cache on top when asked. The model must not be frozen:
+    the default ``gradient`` method scores layers by backpropagating the loss."""
+    import modelopt.torch.quantization as mtq
+
+    device = next(model.parameters()).device
+    batches = [torch.tensor([ids], device=device) for ids in samples]
+    model, state = mtq.auto_quantize(
+        model, constraints={"effective_bits": qcfg.auto_bits}, quantization_formats=auto_formats(qcfg),
+        data_loader=batches, forward_step=forward, loss_func=lambda out, batch: next_token_loss(out, batch),
+        num_calib_steps=len(batches), num_score_steps=min(qcfg.auto_score_size, len(batches)),
+        method=qcfg.auto_method)
+    if kv_cfg is not None:
+        mtq.set_quantizer_by_cfg(model, kv_cfg["quant_cfg"])
+        _calibrate_only(model, "_bmm_quantizer", forward_loop(samples, forward, progress=False))
+    return model, state
+
+
+def _calibrate_only(model, suffix: str, loop: Callable[[Any], None]) -> None:
+    """Max-calibrate the enabled quantizers whose name ends with ``suffix`` while every other
+    quantizer keeps quantizing with its searched scales (``mtq.calibrate`` would redo them all)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    chosen = [m for n, m in model.named_modules()
+              if isinstance(m, TensorQuantizer) and n.endswith(suffix) and m.is_enabled]
+    for q in chosen:
+        q.disable_quant()
+        q.enable_calib()
+    loop(model)
+    for q in chosen:
+        q.load_calib_amax()
+        q.disable_calib()
+        q.enable_quant()
+
+
+def auto_choices(state: dict) -> dict[str, str]:
+    """Layer -> chosen format name, from auto_quantize's search state."""
+    out = {}
+    for key, recipe in state["best"]["recipe"].items():
+        name = str(recipe).split("(")[0]
+        out[key.removesuffix(".quant_recipe")] = name
+    return out

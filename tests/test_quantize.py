@@ -73,3 +73,49 @@ def test_quantize_script_tp2_checkpoint_reloads(tiny_llama, tmp_path):
     shutil.rmtree(save / "release" / "modelopt_state")
     res = run_script("generate.sh", "--max-new-tokens", "2", env=clean_env(MLM_MODEL_CKPT=str(save)))
     assert res.returncode == 2 and "modelopt_state/ is missing" in res.stderr
+
+
+def test_auto_quantize_flags():
+    with pytest.raises(UsageError, match="needs --auto-quantize-bits"):
+        QuantizeConfig(quant_cfg="auto")
+    with pytest.raises(UsageError, match="only applies to --export-quant-cfg auto"):
+        QuantizeConfig(quant_cfg="FP8_DEFAULT_CFG", auto_bits=6.0)
+    from post_training.quantize import auto_formats
+
+    with pytest.raises(UsageError, match="unknown FP9_CFG; valid: .*INT4_AWQ_CFG"):
+        auto_formats(QuantizeConfig(quant_cfg="auto", auto_bits=6.0, auto_formats="FP8_DEFAULT_CFG,FP9_CFG"))
+    # auto's own config is only the KV-cache part: everything else comes from the search
+    assert resolve_quant_cfg("auto", "none")["quant_cfg"] == [{"quantizer_name": "*", "enable": False}]
+    assert any("bmm" in e["quantizer_name"] for e in resolve_quant_cfg("auto", "fp8")["quant_cfg"])
+
+
+@pytest.mark.slow
+def test_auto_quantize_tp2_mixes_formats_and_reloads(tiny_llama, tmp_path):
+    """auto at TP=2 picks per-layer formats under the bits budget, quantizes the KV cache on top,
+    and the checkpoint reloads at TP=2 and TP=1 to the same logits (which differ from the
+    unquantized model's). NVFP4 (blocks of 16) rather than INT4-AWQ (blocks of 128): the tiny
+    model's row-parallel layers have 32 inputs per rank, and 128-blocks split across ranks
+    cannot be resharded (the load refuses them, naming the tensor)."""
+    save = tmp_path / "auto"
+    res = run_script("quantize.sh", "HuggingFaceTB/SmolLM2-135M-Instruct", "auto", "--auto-quantize-bits", "6",
+                     "--auto-quantize-formats", "NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG",
+                     "--export-kv-cache-quant", "fp8", "--calib-size", "4", "--calib-seq-length", "32",
+                     "--max-new-tokens", "2",
+                     env=clean_env(TP="2", HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(save)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    chosen = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.startswith("  auto-quantize: decoder.")]
+    assert len(chosen) == 16  # 4 layers x (qkv, proj, fc1, fc2)
+    assert "NVFP4_DEFAULT_CFG" in chosen and {"FP8_DEFAULT_CFG", "NONE"} & set(chosen)  # a mix
+    bits = float(res.stdout.split("effective bits ")[1].split()[0])
+    assert 4.0 < bits <= 6.0 and "(budget 6, met)" in res.stdout
+    outs = {}
+    for tp in (2, 1):
+        out = tmp_path / f"tp{tp}.pt"
+        torchrun(tp, "ckpt.py", "load", "--load", str(save), "--tp", str(tp), "--out", str(out))
+        outs[tp] = torch.load(out)
+    ref = tmp_path / "ref.pt"
+    torchrun(1, "ckpt.py", "load", "--hf-dir", str(tiny_llama), "--out", str(ref))
+    assert (outs[2]["logits"] - outs[1]["logits"]).abs().max().item() < 1e-4
+    assert (outs[1]["logits"] - torch.load(ref)["logits"]).abs().max().item() > 1e-3
+    kv = [n for n in outs[1]["amax"][0] if n.endswith("k_bmm_quantizer")]
+    assert len(kv) == 4  # the KV cache was calibrated on top of the search

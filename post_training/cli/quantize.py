@@ -17,10 +17,11 @@ from post_training.cli import run_entry, split_preflight
 from post_training.cli.generate import stop_ids
 from post_training.data import load_prompts, render_prompt
 from post_training.generate import GenerateConfig, forward_step, generate
-from post_training.quantize import (KV_CACHE_CFGS, QuantizeConfig, calibration_samples, forward_loop,
-                                    quantize, resolve_quant_cfg)
+from post_training.quantize import (AUTO, KV_CACHE_CFGS, QuantizeConfig, auto_choices, auto_formats,
+                                    auto_quantize, calibration_samples, forward_loop, quantize,
+                                    resolve_quant_cfg)
 from post_training.runtime import init_runtime, memory_report
-from post_training.utils import print_rank_0, rank
+from post_training.utils import UsageError, print_rank_0, rank
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,13 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="text or chat-messages field (default: messages, conversations or text)")
     g.add_argument("--calib-size", type=int, default=32)
     g.add_argument("--calib-seq-length", type=int, default=512)
+    g.add_argument("--auto-quantize-bits", type=float, default=None,
+                   help="with --export-quant-cfg auto: effective weight bits the per-layer search must meet")
+    g.add_argument("--auto-quantize-formats", default="FP8_DEFAULT_CFG,INT4_AWQ_CFG",
+                   help="comma-separated candidate formats for auto (no quantization is always a candidate)")
+    g.add_argument("--auto-quantize-method", default="gradient", choices=["gradient", "kl_div"])
+    g.add_argument("--auto-quantize-score-size", type=int, default=16,
+                   help="calibration samples used to score layer sensitivity")
     g.add_argument("--prompts-file", default=None, help="prompts answered before and after")
     g.add_argument("--max-new-tokens", type=int, default=48)
 
@@ -49,6 +57,18 @@ def _summary(model, rt) -> None:
             dist.barrier()
 
 
+def _print_choices(choices: dict[str, str], best: dict, budget: float) -> None:
+    """One line per searched layer group and the totals: what auto-quantize decided."""
+    from collections import Counter
+
+    for layer, fmt in choices.items():
+        print_rank_0(f"  auto-quantize: {layer:<55} {fmt}")
+    counts = ", ".join(f"{n} {f}" for f, n in Counter(choices.values()).most_common())
+    bits = best["constraints"].get("effective_bits")  # what the chosen formats add up to
+    print_rank_0(f"auto-quantize: {counts}; effective bits {bits:.2f} (budget {budget:g}, "
+                 f"{'met' if best['is_satisfied'] else 'NOT met'}); score {best['score']:.4g}")
+
+
 def main(argv: list[str]) -> int:
     preflight, argv = split_preflight(argv)
     ns = arguments.parse(argv, add_quantize_args, prog="quantize")
@@ -56,9 +76,16 @@ def main(argv: list[str]) -> int:
     qcfg = QuantizeConfig(quant_cfg=src.export_quant_cfg or "FP8_DEFAULT_CFG",
                           kv_cache_quant=ns.export_kv_cache_quant, calib_dataset=ns.calib_dataset,
                           calib_split=ns.calib_dataset_split, calib_field=ns.calib_dataset_field,
-                          calib_size=ns.calib_size, calib_seq_length=ns.calib_seq_length)
+                          calib_size=ns.calib_size, calib_seq_length=ns.calib_seq_length,
+                          auto_bits=ns.auto_quantize_bits, auto_formats=ns.auto_quantize_formats,
+                          auto_method=ns.auto_quantize_method, auto_score_size=ns.auto_quantize_score_size)
     src.validate(par)
     quant_cfg = resolve_quant_cfg(qcfg.quant_cfg, qcfg.kv_cache_quant)
+    if qcfg.quant_cfg == AUTO:
+        auto_formats(qcfg)
+        if par.pp > 1:
+            raise UsageError("--export-quant-cfg auto needs PP=1: its sensitivity scores backpropagate "
+                             "through the whole model in one stage (use TP to spread it)")
     prompts = load_prompts(ns.prompts_file)
     GenerateConfig(max_new_tokens=ns.max_new_tokens)
     if preflight:
@@ -67,7 +94,8 @@ def main(argv: list[str]) -> int:
     tok = load_tokenizer(resolve_hf_dir(src))
     samples = calibration_samples(qcfg, tok)  # bad calibration data fails before the model loads
     rendered = [render_prompt(p, tok) for p in prompts]
-    model, tok, hf_config = setup_model(src, mcfg, rt)
+    # auto-quantize scores layers with gradients, so its model is not frozen
+    model, tok, hf_config = setup_model(src, mcfg, rt, inference=qcfg.quant_cfg != AUTO)
     gcfg = GenerateConfig(max_new_tokens=ns.max_new_tokens, stop_token_ids=stop_ids(tok, hf_config))
 
     def answers() -> list[str]:
@@ -78,8 +106,14 @@ def main(argv: list[str]) -> int:
 
     before = answers()
     t0 = time.perf_counter()
-    model = quantize(model, quant_cfg, forward_loop(samples, lambda m, x: forward_step(m, x, None),
-                                                    progress=rank() == 0))
+    fwd = lambda m, x: forward_step(m, x, None)  # noqa: E731
+    if qcfg.quant_cfg == AUTO:
+        kv = quant_cfg if qcfg.kv_cache_quant != "none" else None
+        model, state = auto_quantize(model, qcfg, samples, fwd, kv)
+        model.requires_grad_(False)
+        _print_choices(auto_choices(state), state["best"], qcfg.auto_bits)
+    else:
+        model = quantize(model, quant_cfg, forward_loop(samples, fwd, progress=rank() == 0))
     seconds = time.perf_counter() - t0
     _summary(model, rt)
     print_rank_0(f"quantized with {qcfg.quant_cfg} (KV cache: {qcfg.kv_cache_quant}) on "
