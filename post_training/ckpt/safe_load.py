@@ -39,16 +39,28 @@ def safe_torch_load(path: str | Path, trust_pickle: bool = False, mmap: bool = T
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        names = unsafe_globals(path) or [_global_from_message(str(e))]
+        names = unsafe_globals(path)
+        if not names and "GLOBAL" in str(e):
+            names = [_global_from_message(str(e))]
+        if not names:  # not a globals problem: the bytes are not a torch pickle at all
+            raise UsageError(f"{path} is not a readable torch file ({_first_line(e)})") from None
         if not trust_pickle:
             raise UsageError(
                 f"{path} needs pickle globals {', '.join(names)} to load; loading it could run code "
                 "from the file (pass --trust-pickle only if you trust where it came from)"
             ) from None
         warn_rank_0(f"{path}: loading with full pickle (--trust-pickle): globals {', '.join(names)}")
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path} is not a readable torch file ({str(e).splitlines()[0]})") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        except Exception as e2:  # noqa: BLE001 - any failure of a trusted unpickle is the file's
+            raise UsageError(f"{path} is not a readable torch file ({_first_line(e2)})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage bytes (KeyError, EOFError, ...)
+        raise UsageError(f"{path} is not a readable torch file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _global_from_message(msg: str) -> str:

@@ -22,12 +22,13 @@ def run_entry(main: Callable[[list[str]], int | None], argv: list[str] | None = 
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     finally:
-        from post_training.runtime import destroy_runtime
-
-        try:
-            destroy_runtime()
-        except Exception:
-            pass
+        # Only entries that set up a runtime have one to tear down; the checkpoint tools never
+        # import it (it pulls in megatron-core, seconds of start-up for `ckpt inspect`).
+        if "post_training.runtime" in sys.modules:
+            try:
+                sys.modules["post_training.runtime"].destroy_runtime()
+            except Exception:
+                pass
     sys.exit(code)
 
 
