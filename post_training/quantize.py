@@ -105,8 +105,22 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"quantization recipe {path} does not parse: {first}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("quant_cfg"), list):
-        raise UsageError(f"quantization recipe {path} needs a 'quant_cfg' list (and optionally 'algorithm')")
+    if not isinstance(data, dict) or not isinstance(data.get("quant_cfg", []), list) or \
+            not ("quant_cfg" in data or "base" in data):
+        raise UsageError(f"quantization recipe {path} needs a 'quant_cfg' list (and optionally 'base', 'algorithm')")
+    if "base" in data:  # a named config with entries appended: later entries win in ModelOpt
+        import copy
+
+        import modelopt.torch.quantization as mtq
+
+        if data["base"] not in available_formats():
+            raise UsageError(f"quantization recipe {path}: unknown base {data['base']!r}; "
+                             f"valid: {', '.join(available_formats())}")
+        base = copy.deepcopy(getattr(mtq, data["base"]))
+        base["quant_cfg"] = list(base["quant_cfg"]) + list(data.get("quant_cfg", []))
+        if "algorithm" in data:
+            base["algorithm"] = data["algorithm"]
+        return base
     return data
 
 
