@@ -245,6 +245,28 @@ def test_toolkit_dist_checkpoint(dist_root, numel, tmp_path):
     assert any("__0_0.distcp" in p for p in rep["problems"])
 
 
+@pytest.mark.parametrize("modes", [["quantize"], ["auto_quantize"]])
+def test_quantized_dist_checkpoint_deploys_through_export(dist_root, tmp_path, modes):
+    # consolidate refuses a ModelOpt-quantized checkpoint (plain weights would drop the
+    # quantization), so the deploy advice is ModelOpt's unified HF export instead.
+    quant = tmp_path / "quant"
+    shutil.copytree(dist_root, quant)
+    meta_file = quant / "iter_0000004" / "toolkit_meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert not meta.get("modelopt_modes")
+    meta["modelopt_modes"] = modes
+    meta_file.write_text(json.dumps(meta))
+    export = f"MLM_MODEL_CKPT={quant} EXPORT_DIR=<out> bash scripts/export.sh"
+    for target in (quant, quant / "iter_0000004"):  # given the root or the iteration dir
+        rep = inspect_path(target)
+        assert rep["kind"] == "toolkit-dist" and rep["problems"] == []
+        assert f"ModelOpt modes: {modes[0]}" in rep["notes"]
+        deploy = rep["missing"]["deploy"]
+        assert any(export in m for m in deploy), deploy
+        assert not any("post_training.ckpt consolidate" in m for m in deploy), deploy
+        assert export in render(rep) and "post_training.ckpt consolidate" not in render(rep)
+
+
 def test_dcp_metadata_never_unpickled(dist_root, tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(dist_root, evil)
