@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "peft"],
+        "test": ["pytest", "peft", "deepspeed"],  # deepspeed: real ZeRO checkpoints for consolidate tests (CPU)
     },
     entry_points={
         "console_scripts": [

@@ -243,3 +243,15 @@ def test_deepspeed_zero_checkpoint(tiny_dirs, tmp_path, stage):
     out = consolidate_to_hf(save, tmp_path / "out", trust_pickle=True)
     assert (hf_logits(out) - torch.load(ref)["logits"]).abs().max().item() < 1e-4
     assert (out / "tokenizer.json").is_file()
+    # inspect reads the same real checkpoint without unpickling it: stage and DP size from
+    # DeepSpeed's own files, weights vs optimizer state told apart
+    from post_training.ckpt.inspect_cmd import inspect_path
+
+    rep = inspect_path(save)
+    assert rep["kind"].startswith("deepspeed"), rep["kind"]
+    assert rep["layout"].get("zero_stage") == stage and rep["layout"].get("dp") == 2, rep["layout"]
+    roles = {f["path"].rsplit("/", 1)[-1]: f["role"] for f in rep["files"]}
+    optim = [n for n in roles if n.endswith("optim_states.pt")]
+    # under ZeRO-3 the module files hold placeholders: the weights live in the optimizer partitions
+    want = "optimizer state+weights" if stage == 3 else "optimizer state"
+    assert len(optim) == 2 and all(roles[n] == want for n in optim), str(roles)
