@@ -31,12 +31,12 @@ def test_config_by_name_recipe_and_kv_cache(tmp_path):
     with pytest.raises(UsageError, match="export-kv-cache-quant"):
         QuantizeConfig(kv_cache_quant="int3")
     # a recipe on top of a named config: its entries come after the base's, so they win
-    shipped = resolve_quant_cfg(str(Path(__file__).parents[1] / "examples/quantization/int8_sq_keep_ends.yaml"))
+    shipped = resolve_quant_cfg(str(Path(__file__).parents[1] / "examples/quantization/int8_sq_fc2_act16.yaml"))
     import modelopt.torch.quantization as mtq
 
     assert shipped["algorithm"] == "smoothquant"
     assert shipped["quant_cfg"][:-2] == mtq.INT8_SMOOTHQUANT_CFG["quant_cfg"]
-    assert shipped["quant_cfg"][-1] == {"quantizer_name": "*layers.29.*", "enable": False}
+    assert shipped["quant_cfg"][-2] == {"quantizer_name": "*linear_fc2.input_quantizer", "enable": False}
     recipe.write_text("base: INT9_CFG\n")
     with pytest.raises(UsageError, match="unknown base 'INT9_CFG'"):
         resolve_quant_cfg(str(recipe))
