@@ -3,6 +3,7 @@ training state. Every problem a user can cause is reported as one ``UsageError``
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,27 @@ from post_training.utils import UsageError, print_rank_0, rank, unwrap
 
 
 TRAINING_KEYS = ("optimizer.", "rng_state")
+_GLU_LORA_B = re.compile(r"\.linear_fc1\.lora_b_[^.]+\.weight$")
+
+
+def model_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict, with ModelOpt LoRA's ``linear_fc1.lora_b_*`` of a gated MLP
+    in the SwiGLU layout of ``linear_fc1.weight`` (global ``[gate_0..gate_n; up_0..up_n]``).
+    ModelOpt 0.47's column-parallel LoRA plugin shards lora_b plainly on dim 0, i.e. globally as
+    ``[gate_0; up_0; gate_1; up_1]`` at TP=2, which megatron's MLP (it wraps only ``weight`` and
+    ``bias`` in the SwiGLU factory) leaves alone: reloaded at another TP, gate and up rows of the
+    update swap (TP=2 -> TP=1: logits off by 2.3)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    sd = model.sharded_state_dict()
+    if not getattr(getattr(unwrap(model), "config", None), "gated_linear_unit", False):
+        return sd
+    for k, v in sd.items():
+        if isinstance(v, ShardedTensor) and _GLU_LORA_B.search(k):
+            offsets = tuple((i, v.global_offset[i], v.axis_fragmentations[i]) for i in range(v.prepend_axis_num))
+            sd[k] = apply_swiglu_sharded_factory(v, offsets)
+    return sd
 
 
 def _agreed(check: Callable[[], None]) -> None:
@@ -112,7 +134,7 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
         from post_training.quant_modules import disable_unsaved_output_layer_quantizers
 
         disable_unsaved_output_layer_quantizers(model, iter_dir)
-        model_sd = model.sharded_state_dict()
+        model_sd = model_sharded_state_dict(model)
         _agreed(lambda: check_shapes(model_sd, iter_dir, meta))
         loaded, missing, unexpected = dist_checkpointing.load(
             {"model": model_sd}, str(iter_dir), strict=StrictHandling.RETURN_ALL)
@@ -182,7 +204,7 @@ def load_training_state(path: str | Path, model, rt: Runtime, optimizer=None, sc
         raise UsageError(f"checkpoint {iter_dir} holds weights only: no optimizer state to resume from")
     request: dict[str, Any] = {}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sharded_state_dict(model), is_loading=True)
     same_layout = meta.get("parallel", {}).get("tp") == rt.tp and meta.get("parallel", {}).get("pp") == rt.pp
     if contents.get("rng") and same_layout:
         request["rng_state"] = rng_sharded_object(rt, None)

@@ -24,6 +24,7 @@ from post_training import __version__, checkpoint_io as cio, hf
 from post_training.checkpoint_load import (
     load_model_checkpoint,
     load_training_state,
+    model_sharded_state_dict,
     rng_sharded_object,
     rng_state,
 )
@@ -202,7 +203,7 @@ def save_checkpoint(model, rt: Runtime, save_dir: str | Path, iteration: int | N
     staging = Path(box[0])
     t0 = time.perf_counter()
 
-    model_sd = model.sharded_state_dict()
+    model_sd = model_sharded_state_dict(model)
     state: dict[str, Any] = {"model": model_sd, "checkpoint_version": CHECKPOINT_VERSION,
                              "iteration": iteration if iteration is not None else 0}
     contents = {"weights": True, "optimizer": optimizer is not None,

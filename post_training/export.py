@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from post_training.checkpointing import SourceConfig
+from post_training import export_io
 from post_training.export_io import commit, finalize, new_staging_dir
 from post_training.runtime import Runtime
 from post_training.utils import UsageError, print_rank_0, rank, unwrap
@@ -48,16 +49,8 @@ DEFAULT_SHARD_SIZE = "5GB"
 # TP-sharded parameters of the dense GPT layers this module gathers (others are refused at TP>1).
 _GATHERABLE = re.compile(r"(embedding\.word_embeddings|linear_qkv|linear_proj|linear_fc1|"
                          r"linear_fc2|output_layer)\.(weight|bias)$")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / bytes -> bytes (decimal units, as huggingface_hub counts)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"--export-max-shard-size must be a positive size like 5GB or 500MB (got {text!r})")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    return export_io.parse_size(text, "--export-max-shard-size")
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,8 @@ layer whatever the model or shard size. Output: ``model-XXXXX-of-YYYYY.safetenso
 tokenizer files, staged and renamed into place (nothing partial is left on failure).
 
 A quantized (ModelOpt) checkpoint is refused: plain weights would silently drop the
-quantization; ``scripts/export.sh`` writes it with its scales.
+quantization; ``scripts/export.sh`` writes it with its scales. So is one with LoRA adapters
+(ModelOpt ``peft``): ``merge-lora CKPT OUT`` writes it with them folded in (``lora=True``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Iterator
 
 import torch
 
+from post_training.export_io import parse_size
 from post_training.utils import UsageError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,23 +38,6 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 # Files of the source HF directory that are not part of the consolidated model.
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt|onnx)$|.*\.index\.json$|config\.json$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` (10^9, as transformers), ``500MiB`` (2^20), ``1000`` (bytes)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UsageError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "b").lower().rstrip("b") or "b"
-    base = 1024 if unit.endswith("i") else 1000
-    power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
-    size = int(float(m.group(1)) * base ** power)
-    if size < 1:
-        raise UsageError(f"--max-shard-size must be positive (got {text!r})")
-    return size
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", help="checkpoint: dist (save root or iter dir), Megatron-LM legacy, or ZeRO")
     parser.add_argument("out", help="output HF model directory")
@@ -66,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow full pickle loads (legacy args with foreign classes, DeepSpeed files)")
 
 
-def open_checkpoint(ckpt: Path, hf_config: Path | None = None, trust_pickle: bool = False):
-    """Detect the checkpoint kind and return its :class:`~consolidate_sources.Plan`."""
+def open_checkpoint(ckpt: Path, hf_config: Path | None = None, trust_pickle: bool = False, lora: bool = False):
+    """Detect the checkpoint kind and return its :class:`~consolidate_sources.Plan`; ``lora``:
+    fold the checkpoint's LoRA adapters in (``merge-lora CKPT OUT``; dist checkpoints only)."""
     from post_training import checkpoint_io as cio
     from post_training.ckpt import consolidate_sources as cs
 
@@ -78,7 +64,10 @@ def open_checkpoint(ckpt: Path, hf_config: Path | None = None, trust_pickle: boo
         return cs.open_zero(tag, hf_config, trust_pickle)
     it = cio.read_tracker(ckpt) if cio.is_checkpoint_root(ckpt) else ckpt
     if cs.is_dist(it):
-        return cs.open_dist(it, hf_config, trust_pickle)
+        return cs.open_dist(it, hf_config, trust_pickle, lora)
+    if lora:
+        raise UsageError(f"{ckpt} is not a toolkit dist checkpoint: merge-lora CKPT OUT merges the LoRA "
+                         "adapters of those (for an HF model and a PEFT adapter: merge-lora BASE ADAPTER OUT)")
     if (legacy := cs.legacy_iter_dir(ckpt)) is not None:
         return cs.open_legacy(legacy, hf_config, trust_pickle)
     if cio.is_dist_checkpoint_dir(it):
@@ -166,7 +155,7 @@ def _write_side_files(root: Path, plan, dtype: torch.dtype) -> None:
 
 def consolidate_to_hf(ckpt: Path, out: Path, dtype: str = "keep", *, max_shard_size: int | str = "5GB",
                       overwrite: bool = False, trust_pickle: bool = False, hf_config: Path | None = None,
-                      quiet: bool = False) -> Path:
+                      quiet: bool = False, lora: bool = False) -> Path:
     """Write ``ckpt`` as an HF model directory ``out`` (see the module doc). Returns ``out``."""
     from post_training.checkpoint_io import fsync_tree
     from post_training.ckpt.outdir import check_output, staged_output
@@ -177,7 +166,7 @@ def consolidate_to_hf(ckpt: Path, out: Path, dtype: str = "keep", *, max_shard_s
     ckpt, out = Path(ckpt), Path(out)
     check_output(out, overwrite)  # before reading anything: a refusal costs nothing
     t0 = time.perf_counter()
-    plan = open_checkpoint(ckpt, Path(hf_config) if hf_config else None, trust_pickle)
+    plan = open_checkpoint(ckpt, Path(hf_config) if hf_config else None, trust_pickle, lora)
     cast = DTYPES.get(dtype)
     main_dtype = cast or plan.specs[0][2]
     t1 = time.perf_counter()

@@ -112,7 +112,15 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
         return safe_torch_load(path, trust_pickle=trust_pickle)
 
 
-def refuse_quantized(modes: list[str], where: Path) -> None:
+def refuse_quantized(modes: list[str], where: Path, lora: bool = False) -> None:
+    """Refuse ModelOpt state plain weights cannot carry; LoRA (``peft``) only when merging it."""
+    if "peft" in modes and not lora:
+        raise UsageError(f"{where} holds unmerged LoRA adapters (ModelOpt modes: {', '.join(modes)}); "
+                         f"consolidate would silently drop them: fold them in with "
+                         f"python -m post_training.ckpt merge-lora {where} OUT")
+    if lora and "peft" not in modes:
+        raise UsageError(f"{where} has no LoRA adapter (ModelOpt modes: {', '.join(modes) or 'none'}): "
+                         "nothing to merge; consolidate writes it as an HF model")
     quant = [m for m in modes if "quant" in m]
     if quant:
         raise UsageError(
@@ -171,7 +179,7 @@ class _RegionPlanner:
         raise AssertionError("only tensors are requested")
 
 
-def open_dist(iter_dir: Path, hf_config: Path | None, trust_pickle: bool) -> Plan:
+def open_dist(iter_dir: Path, hf_config: Path | None, trust_pickle: bool, lora: bool = False) -> Plan:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
@@ -181,11 +189,12 @@ def open_dist(iter_dir: Path, hf_config: Path | None, trust_pickle: bool) -> Pla
         raise UsageError(f"{iter_dir} is a {backend!r} dist checkpoint; only torch_dist is supported")
     meta = cio.read_meta(iter_dir)
     cio.verify_files(iter_dir, meta, hashes=False)
-    modes = list(meta.get("modelopt_modes") or [])
+    modes, state = list(meta.get("modelopt_modes") or []), None
     if (iter_dir / "modelopt_state" / "common.pt").is_file():
         state = _load_pickle(iter_dir / "modelopt_state" / "common.pt", trust_pickle)
         modes += [m for m, _ in state.get("modelopt_state_dict", []) if m not in modes]
-    refuse_quantized(modes, iter_dir.parent if cio.is_checkpoint_root(iter_dir.parent) else iter_dir)
+    where = iter_dir.parent if cio.is_checkpoint_root(iter_dir.parent) else iter_dir
+    refuse_quantized(modes, where, lora)
     reader = FileSystemReader(str(iter_dir))
     try:
         md = reader.read_metadata()
@@ -215,7 +224,7 @@ def open_dist(iter_dir: Path, hf_config: Path | None, trust_pickle: bool) -> Pla
     def has(name: str) -> bool:
         return name in stored or mc.LAYER_PREFIX + name in stored or f"{mc.LAYER_PREFIX}0.{name}" in stored
 
-    def read(units: list[mc.Unit]) -> list[Tensor]:
+    def read_raw(units: list[mc.Unit]) -> list[Tensor]:
         requests = {}
         for u in units:
             fqn, offsets, sizes = key(u)
@@ -230,12 +239,24 @@ def open_dist(iter_dir: Path, hf_config: Path | None, trust_pickle: bool) -> Pla
         return [buf[0] if u.layer is not None and mc.LAYER_PREFIX + u.mcore in stored else buf
                 for u, (_, buf) in zip(units, requests.values())]
 
-    def used(units: list[mc.Unit]) -> set[str]:
-        return {key(u)[0] for u in units}
-
     model_keys = {k for k in stored if not k.startswith(_SKIP)}
+    read, folder = read_raw, None
+    if lora:  # fold each adapted weight's LoRA update in as the weight is read
+        from post_training.ckpt.consolidate_lora import Folder, peft_configs
+
+        folder = Folder(peft_configs(state), model_keys, has, where)
+        read = folder.wrap(read_raw)
+
+    def used(units: list[mc.Unit]) -> set[str]:
+        keys = {key(u)[0] for u in (folder.with_lora(units) if folder else units)}
+        if folder:
+            folder.check_used(keys)
+        return keys
+
     par = meta.get("parallel", {})
     kind = f"megatron-core dist checkpoint (saved at TP={par.get('tp', '?')} PP={par.get('pp', '?')})"
+    if folder:
+        kind += f" with LoRA adapter(s) {', '.join(folder.names)} folded in"
     return _mcore_plan(kind, config, hf_dir, has, lambda u: stored[key(u)[0]].properties.dtype, read,
                        model_keys, used)
 

@@ -1,4 +1,5 @@
-"""``merge-lora BASE ADAPTER OUT``: fold a PEFT LoRA adapter into its Hugging Face base model.
+"""``merge-lora BASE ADAPTER OUT``: fold a PEFT LoRA adapter into its Hugging Face base model;
+``merge-lora CKPT OUT``: fold the LoRA adapters of a toolkit dist checkpoint into an HF model.
 
 For each adapted module ``W' = W + s * B @ A`` (transposed for Conv1D layers, which store
 ``(in, out)``, and for embeddings), computed in fp32 and cast once to the output dtype; ``s = alpha / r``, or
@@ -12,8 +13,13 @@ Tied embeddings: a LoRA update of ``lm_head`` in a base that ties it changes the
 the pair (``tie_word_embeddings: false``), since peft trained a separate copy.
 
 The base is streamed shard by shard; the output keeps the base's sharding and its other files.
-Merging adapters trained by this toolkit on a Megatron checkpoint (TP>1) is left for when LoRA
-training lands; a dist-checkpoint BASE is refused with the export step to run first.
+
+A dist checkpoint with ModelOpt LoRA adapters (``peft`` mode, any TP/PP; ADAPTER omitted or the
+checkpoint itself) goes through ``consolidate``'s streaming reader, which reads global tensors, so
+the TP split of lora A / B needs no handling: ``W + scale * B @ A`` is folded into each megatron
+weight in fp32 before the megatron -> HF split and cast once when written
+(:mod:`post_training.ckpt.consolidate_lora`). A dist-checkpoint BASE with a separate PEFT adapter
+is refused with the export step to run first.
 """
 from __future__ import annotations
 
@@ -69,9 +75,11 @@ class LoraUpdate:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("base", metavar="BASE", help="HF model directory (safetensors or .bin, sharded or not)")
-    parser.add_argument("adapter", metavar="ADAPTER",
-                        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors/.bin)")
+    parser.add_argument("base", metavar="BASE", help="HF model directory (safetensors or .bin, sharded or not), "
+                        "or a toolkit dist checkpoint trained with LoRA (root or iteration dir)")
+    parser.add_argument("adapter", metavar="ADAPTER", nargs="?", default=None,
+                        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors/.bin); "
+                             "omit it (or repeat BASE) when BASE is a dist checkpoint with LoRA adapters")
     parser.add_argument("output", metavar="OUT", help="output HF directory (safetensors, the base's sharding)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="keep",
                         help="dtype of the floating-point output tensors (default: each base tensor's)")
@@ -175,7 +183,8 @@ def base_files(base: Path) -> list[Path]:
             return [base / single]
     if (base / TRACKER).is_file() or ((base / "metadata.json").is_file() and (base / "common.pt").is_file()):
         raise UsageError(f"BASE {base} is a Megatron distributed checkpoint; export it to a Hugging Face "
-                         "directory first (scripts/export.sh) and merge into that")
+                         "directory first (scripts/export.sh) and merge into that (LoRA adapters saved in "
+                         "the checkpoint itself: merge-lora CKPT OUT)")
     raise UsageError(f"BASE {base} has no model.safetensors, pytorch_model.bin or weight index")
 
 
@@ -314,10 +323,27 @@ def merge_tensor(key: str, t: torch.Tensor, plan: Plan, out_dtype: torch.dtype |
     return merged.to(dtype)
 
 
+def merge_dist(ckpt: Path, out: Path, dtype: str, overwrite: bool) -> int:
+    """``merge-lora CKPT OUT``: the checkpoint's LoRA adapters folded in, written as an HF model."""
+    from post_training import checkpoint_io as cio
+    from post_training.ckpt.consolidate import consolidate_to_hf
+
+    if out.resolve() == ckpt.resolve():
+        raise UsageError("OUT must not be CKPT itself")
+    if not ckpt.is_dir() or not (cio.is_checkpoint_root(ckpt) or cio.is_dist_checkpoint_dir(ckpt)):
+        raise UsageError(f"{ckpt} is not a dist checkpoint: without ADAPTER, merge-lora folds the LoRA "
+                         "adapters of a toolkit dist checkpoint (HF model: merge-lora BASE ADAPTER OUT)")
+    consolidate_to_hf(ckpt, out, dtype, overwrite=overwrite, lora=True)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from post_training.ckpt.outdir import check_output, staged_output
 
-    base, adapter = Path(args.base), Path(args.adapter)
+    base = Path(args.base)
+    if args.adapter is None or Path(args.adapter).resolve() == base.resolve():
+        return merge_dist(base, Path(args.output), args.dtype, args.overwrite)
+    adapter = Path(args.adapter)
     if Path(args.output).resolve() in (base.resolve(), adapter.resolve()):
         raise UsageError("OUT must not be BASE or ADAPTER itself")
     check_output(args.output, args.overwrite)  # refuse before reading any weights

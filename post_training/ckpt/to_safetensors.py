@@ -36,8 +36,6 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _TORCH_SUFFIXES = (".pt", ".bin", ".pth")
 # Files of an HF directory that are weights (of any format) or their indexes: never copied.
 _WEIGHT_FILE = re.compile(r".*\.(bin|pt|pth|safetensors|gguf|h5|msgpack|ckpt|onnx)$|.*\.index\.json$|SHA256SUMS$")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # torch.save's legacy (pre-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 # Input-embedding names an untied/tied ``lm_head.weight`` pairs with (Llama/Qwen, GPT-2, BLOOM, NeoX).
@@ -56,14 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="keep",
                         help="cast floating-point tensors (default: keep each tensor's dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
-
-
-def parse_size(text: str) -> int:
-    """'5GB' / '500MB' / '2GiB' / bytes -> bytes (decimal units, as huggingface_hub counts)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"--max-shard-size must be a positive size like 5GB or 500MB (got {text!r})")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
 def torch_dtype(name: str) -> torch.dtype | None:
@@ -338,6 +328,7 @@ def _short_list(items: list[str], n: int = 8) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from post_training.ckpt.outdir import staged_output
+    from post_training.export_io import parse_size
 
     src, out = Path(args.input), Path(args.output)
     if not src.exists():
