@@ -88,3 +88,14 @@ def test_convert_needs_save():
 
 def test_pp_must_divide_layers():
     assert_one_line_error(run_script("generate.sh", env=clean_env(PP="4")), "PP=4 must divide the number of layers (30)")
+
+
+def test_convert_script_dispatches_checkpoint_tools(tiny_llama, tmp_path):
+    """convert.sh COMMAND runs the checkpoint tools (no torchrun); other first arguments still
+    mean a model conf."""
+    res = run_script("convert.sh", "inspect", str(tiny_llama), "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["kind"] == "hf-model" and rep["architecture"].startswith("LlamaForCausalLM")
+    res = run_script("convert.sh", "inspect", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
