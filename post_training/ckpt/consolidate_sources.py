@@ -108,8 +108,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
     # Megatron-LM pickles its argparse.Namespace. Allowing that one class adds no code path: the
     # weights-only unpickler creates it with __new__ and sets attributes; any other global inside
     # it (an enum, a function) is still refused and named, and then needs --trust-pickle.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return safe_torch_load(path, trust_pickle=trust_pickle)
+    return safe_torch_load(path, trust_pickle=trust_pickle, allow=[argparse.Namespace])
 
 
 def refuse_quantized(modes: list[str], where: Path, lora: bool = False) -> None:

@@ -82,7 +82,9 @@ def peek_torch(path: Path) -> Any | None:
     if kind == "legacy_unchecked" or not set(names) <= _INSPECT_SAFE:
         return None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        from post_training.ckpt.safe_load import only_globals
+
+        with only_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # unreadable: say so in the report rather than fail the whole inspect
         raise UsageError(f"{path}: not a readable torch file ({str(e).splitlines()[0][:200]})") from None

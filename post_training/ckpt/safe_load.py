@@ -7,28 +7,49 @@ unless the caller passes ``trust_pickle=True`` (``--trust-pickle`` on the comman
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from post_training.utils import UsageError, warn_rank_0
 
 
-def unsafe_globals(path: str | Path) -> list[str]:
-    """Globals a zip-format torch file references beyond what ``weights_only`` allows."""
+@contextlib.contextmanager
+def only_globals(allow: Iterable[Any] = ()) -> Iterator[None]:
+    """Make ``weights_only`` admit exactly torch's defaults plus ``allow`` while active.
+    Libraries register their own classes process-wide (megatron-core adds ``PosixPath``,
+    ``Namespace``, ``BytesIO``, numpy arrays once its checkpointing is imported), so without this
+    the same file would be refused in a fresh process and accepted after megatron ran."""
+    ser = torch.serialization
+    saved = ser.get_safe_globals()
+    ser.clear_safe_globals()
+    ser.add_safe_globals(list(allow))
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        yield
+    finally:
+        ser.clear_safe_globals()
+        ser.add_safe_globals(saved)
+
+
+def unsafe_globals(path: str | Path, allow: Iterable[Any] = ()) -> list[str]:
+    """Globals a zip-format torch file references beyond what ``weights_only`` (+ ``allow``) admits."""
+    try:
+        with only_globals(allow):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # legacy (non-zip) format, or unreadable: the load itself will say more
         return []
 
 
-def safe_torch_load(path: str | Path, trust_pickle: bool = False, mmap: bool = True) -> Any:
+def safe_torch_load(path: str | Path, trust_pickle: bool = False, mmap: bool = True,
+                    allow: Iterable[Any] = ()) -> Any:
     """Load a torch pickle file on CPU without executing code unless ``trust_pickle``.
 
+    ``allow``: extra classes known to be harmless to rebuild (e.g. ``argparse.Namespace``).
     ``mmap`` maps zip-format files instead of reading them, so converting a large file needs
     little more memory than its largest tensor; legacy-format files are read normally.
     """
@@ -36,10 +57,12 @@ def safe_torch_load(path: str | Path, trust_pickle: bool = False, mmap: bool = T
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     mmap = mmap and zipfile.is_zipfile(path)
+    allow = list(allow)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with only_globals(allow):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        names = unsafe_globals(path)
+        names = unsafe_globals(path, allow)
         if not names and "GLOBAL" in str(e):
             names = [_global_from_message(str(e))]
         if not names:  # not a globals problem: the bytes are not a torch pickle at all
