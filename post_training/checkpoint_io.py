@@ -113,17 +113,18 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_records(root: Path) -> dict[str, dict]:
     """Size and sha256 of every file under ``root`` (except our own record)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != META:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            out[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": h.hexdigest()}
-    return out
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != META}
 
 
 def write_meta(iter_dir: Path, meta: dict) -> None:

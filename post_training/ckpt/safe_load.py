@@ -8,7 +8,6 @@ unless the caller passes ``trust_pickle=True`` (``--trust-pickle`` on the comman
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from post_training.checkpoint_io import sha256_file
 from post_training.utils import UsageError, warn_rank_0
 
 
@@ -92,14 +92,6 @@ def _global_from_message(msg: str) -> str:
         if "GLOBAL" in line:
             return line.split("GLOBAL", 1)[1].split()[0]
     return "<unknown>"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_sha256sums(root: Path, names: list[str] | None = None) -> Path:

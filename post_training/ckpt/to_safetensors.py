@@ -366,7 +366,7 @@ def _convert_to_file(files: list[Path], out: Path, dtype: torch.dtype | None, ar
     """One ``.safetensors`` file (no sharding) and ``<out>.sha256`` beside it, renamed in last."""
     import tempfile
 
-    from post_training.ckpt.safe_load import sha256_file
+    from post_training.checkpoint_io import sha256_file
 
     sums = out.with_name(out.name + ".sha256")
     if out.exists() and not args.overwrite:
