@@ -60,6 +60,11 @@ SHIMS: list[Shim] = [
          "torch.ops.tensorrt.dynamic_block_quantize_op ('amax must be a CUDA tensor for dynamic "
          "block quantization' for NVFP4; get_cuda_ext_mx().fused_amax_convert for MX), reached "
          "from TensorQuantizer._fake_quantize via DynamicBlockQuantizationFunction"),
+    Shim("MKL VML warm-up: torch's VML-backed float functions (cos, sin, exp, ...) run once on "
+         "one thread at start-up, before any multi-threaded call",
+         "torch.cos of megatron's rotary table: in about 1 of 10 fresh processes under CPU load "
+         "the first 2-thread vmsCos returned enhanced-performance (EP, ~1.5e-4) instead of the "
+         "requested high-accuracy results on the main thread's half of the table"),
 ]
 
 _applied = False
@@ -125,6 +130,7 @@ def apply() -> bool:
         mod.get_rng_state = _cpu_rng_state
         mod.set_rng_state = _set_cpu_rng_state
     _patch_megatron_rng()
+    warm_up_vml()
     block_quant_cpu.install()  # NVFP4 / MX fake quantization without CUDA kernels
     _mode = CudaToCpuMode()
     _mode.__enter__()  # stays pushed for the life of the process
@@ -144,6 +150,19 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
         torch.set_rng_state(new_state)
     )
+
+
+def warm_up_vml() -> None:
+    """Call each VML-backed unary op of torch once with few elements (one thread: below
+    torch's 2048-element grain), so MKL sets itself up before threads race to. A fresh
+    process whose first threaded torch.cos got EP accuracy on one thread was seen under
+    load (tests/test_atomic_save.py, cross-process logits); this is the mitigation."""
+    x = torch.full((16,), 0.5)
+    for op in (torch.cos, torch.sin, torch.tan, torch.acos, torch.asin, torch.atan, torch.exp,
+               torch.log, torch.log2, torch.log10, torch.sqrt, torch.tanh, torch.erf, torch.erfc,
+               torch.erfinv, torch.trunc):
+        op(x)
+        op(x.double())
 
 
 def is_applied() -> bool:
