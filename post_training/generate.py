@@ -6,7 +6,6 @@ token to its pipeline group, so every rank returns the same tokens.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -106,8 +105,9 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
     out: list[int] = []
     stops = set(cfg.stop_token_ids)
     for step in range(cfg.max_new_tokens):
-        # The prefill allocates the KV cache (CUDA-assuming code); decode steps need no shim.
-        with contextlib.nullcontext() if step == 0 else cpu_compat.device_mode_suspended():
+        # The prefill allocates the KV cache on torch.cuda.current_device(), which the shim
+        # answers with the CPU device itself, so no step needs the device-rewriting mode.
+        with cpu_compat.device_mode_suspended():
             logits = forward_step(model, tokens, ctx)
         ctx.increment_sequence_len_offset(tokens.size(1))
         nxt = torch.empty(1, dtype=torch.long, device=device)

@@ -100,3 +100,77 @@ def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
     out = forward_step(model, ids, None)
     out.float().pow(2).mean().backward()
     assert model.decoder.layers[0].mlp.linear_fc1.weight.grad is not None
+
+
+def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Prefill, then ``steps`` greedy decode steps through megatron's static KV cache."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from post_training.generate import forward_step
+
+    ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=prompt.size(1) + steps + 1)
+    tokens, out = prompt, []
+    with torch.inference_mode():
+        for _ in range(steps + 1):
+            logits = forward_step(model, tokens, ctx)[:, -1]
+            ctx.increment_sequence_len_offset(tokens.size(1))
+            out.append(logits.clone())
+            tokens = logits.argmax(-1, keepdim=True)
+    return torch.stack(out)
+
+
+def test_fastpath_rotated_key_cache_equals_megatron(tiny_llama, runtime):
+    """Keys rotated once before caching give megatron's decode logits: every step, exactly
+    as the original re-rotation of the whole cache in the same (fast) rope formula."""
+    from post_training.checkpointing import SourceConfig, setup_model
+    from post_training.model_builder import ModelConfig
+    from post_training.runtime import fastpath
+
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
+    prompt = torch.randint(0, 49152, (1, 11), generator=torch.Generator().manual_seed(5))
+    fast = _cached_decode_logits(model, prompt, 6)
+    from megatron.core.transformer.attention import Attention
+
+    wrapper = Attention._adjust_key_value_for_inference
+    Attention._adjust_key_value_for_inference = fastpath._ORIGINALS[(Attention, "_adjust_key_value_for_inference")]
+    try:
+        orig = _cached_decode_logits(model, prompt, 6)
+    finally:
+        Attention._adjust_key_value_for_inference = wrapper
+    assert torch.equal(fast, orig)
+    fastpath.remove()
+    try:
+        all_orig = _cached_decode_logits(model, prompt, 6)
+    finally:
+        fastpath.apply()
+    assert (fast - all_orig).abs().max().item() < 1e-5
+
+
+def test_rope_table_is_computed_on_one_thread_and_threads_restored(runtime):
+    """cos/sin of a rotary table above torch's 2048-element split are computed on one thread
+    (a threaded MKL vmsCos once returned low-accuracy values for half a table), then the
+    thread count is back; the values are torch's own cos/sin."""
+    from post_training.runtime import fastpath
+
+    cache = fastpath._CosSinCache()
+    freqs = torch.outer(torch.arange(40.0), torch.rand(64, generator=torch.Generator().manual_seed(0)))
+    freqs = freqs[:, None, None, :].contiguous()
+    threads = torch.get_num_threads()
+    seen = []
+    orig_cos = torch.cos
+
+    def spy(t):
+        seen.append(torch.get_num_threads())
+        return orig_cos(t)
+
+    torch.cos = spy
+    try:
+        cos, signed_sin = cache.get(freqs, torch.float32)
+        cache.get(freqs[:1], torch.float32)  # 64 elements: no thread change needed
+    finally:
+        torch.cos = orig_cos
+    assert seen == [1, threads]
+    assert torch.get_num_threads() == threads
+    assert torch.equal(cos, torch.cos(freqs))
+    assert torch.equal(signed_sin[..., 32:], torch.sin(freqs)[..., 32:])
+    assert torch.equal(signed_sin[..., :32], -torch.sin(freqs)[..., :32])

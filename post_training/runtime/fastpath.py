@@ -3,7 +3,7 @@
 A CPU decode step of a small model is bound by Python dispatch, not arithmetic: megatron
 runs ~3x as many torch calls per token as transformers for the same matmuls. Under
 ``torch.inference_mode()`` (no autograd graph can be needed) these wrappers skip the
-autograd ``Function`` shells around three hot sites and compute the same forward:
+autograd ``Function`` shells and redundant work at these sites and compute the same forward:
 
 * ``tensor_parallel.layers.linear_with_frozen_weight``  -> ``F.linear(x, W) (+ b)``, the
   forward of ``LinearWithFrozenWeight`` (not with sequence parallelism);
@@ -11,7 +11,14 @@ autograd ``Function`` shells around three hot sites and compute the same forward
 * ``tensor_parallel.layers.reduce_from_tensor_model_parallel_region`` -> ``mappings._reduce``;
 * ``rope_utils._apply_rotary_pos_emb_bshd`` -> the same formula, with cos/sin computed once
   per forward instead of once per layer, and without the no-op ``* mscale`` and empty
-  pass-through concat (only when mscale == 1, non-interleaved, non-MLA).
+  pass-through concat (only when mscale == 1, non-interleaved, non-MLA);
+* ``fused_bias_dropout._bias_dropout_add_func`` (unfused bias-dropout-add) -> the same
+  in-place adds without the eval-mode ``dropout`` call, which returns its input;
+* ``Attention._adjust_key_value_for_inference`` (static KV cache) -> rotate the new keys
+  before they are stored and skip megatron's re-rotation of the whole cached key tensor in
+  every layer at every step. RoPE is elementwise per position, so the cached keys hold the
+  same values the original computes again each step (not with flash decode, which does this
+  itself, nor with packed sequences).
 
 Outside inference mode every call goes to the original function, so training and
 autograd are untouched. Applied by ``init_runtime`` on CPU only; tests compare logits with
@@ -19,21 +26,22 @@ and without (tests/test_runtime.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
-_ORIGINALS: dict[str, object] = {}
+_ORIGINALS: dict[tuple[object, str], object] = {}  # (module or class, attribute) -> original
 
 
-def _fast(module, name: str, fast_impl):
+def _fast(module, name: str, fast_impl, pass_orig: bool = False):
     orig = getattr(module, name)
-    _ORIGINALS[f"{module.__name__}.{name}"] = orig
+    _ORIGINALS[(module, name)] = orig
 
     @functools.wraps(orig)
     def wrapper(*args, **kwargs):
         if torch.is_inference_mode_enabled():
-            out = fast_impl(*args, **kwargs)
+            out = fast_impl(orig, *args, **kwargs) if pass_orig else fast_impl(*args, **kwargs)
             if out is not NotImplemented:
                 return out
         return orig(*args, **kwargs)
@@ -61,6 +69,21 @@ def _reduce_from_tp(input_, group=None):
     return mappings._reduce(input_, group or parallel_state.get_tensor_model_parallel_group())
 
 
+@contextlib.contextmanager
+def _one_thread(active: bool):
+    """One intra-op thread: the table is computed once per forward, and a single-threaded
+    MKL VML call cannot race with itself (torch splits above 2048 elements)."""
+    n = torch.get_num_threads()
+    if not active or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _CosSinCache:
     """cos/sin of the slices of a rotary table, shared by all layers of a forward.
 
@@ -81,7 +104,8 @@ class _CosSinCache:
             self.holder, self.ptr, self.entries = freqs, ptr, {}
         key = (freqs.storage_offset(), tuple(freqs.shape), tuple(freqs.stride()), dtype)
         if key not in self.entries:
-            cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+            with _one_thread(freqs.numel() > 2048):  # see cpu_compat.warm_up_vml
+                cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
             half = sin.shape[-1] // 2
             # rotate_half(t) * sin == roll(t, half) * [-sin_lo, sin_hi]: a sign flip is exact.
             self.entries[key] = (cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
@@ -98,26 +122,57 @@ def _rope_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False,
     return t * cos + torch.roll(t, t.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def _bias_add_residual(x_with_bias, residual, prob, training):
+    x, bias = x_with_bias
+    if training or residual.dtype != x.dtype or x.requires_grad or residual.requires_grad or (
+            bias is not None and bias.requires_grad):
+        return NotImplemented
+    # The original's in-place branch in eval mode: x += bias; dropout (identity); x += residual.
+    if bias is not None:
+        x.add_(bias)
+    return x.add_(residual)
+
+
+def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
+                       *args, **kwargs):
+    from megatron.core.transformer import attention
+
+    cfg = self.config
+    if (inference_context is None or not inference_context.is_static_batching() or cfg.flash_decode
+            or not isinstance(rotary_pos_emb, tuple) or rotary_pos_emb[1] is None):
+        return NotImplemented
+    q_emb, k_emb = rotary_pos_emb
+    start = inference_context.sequence_len_offset
+    # What Attention.forward would apply to these rows of the cache, applied once.
+    key = attention.apply_rotary_pos_emb(
+        key, k_emb[start:start + key.size(0)], config=cfg,
+        mscale=attention._yarn_get_concentration_factor_from_config(cfg), cp_group=self.pg_collection.cp)
+    *out, (q_emb, _), mask_type, block_table = orig(
+        self, inference_context, query, key, value, (q_emb, k_emb), *args, **kwargs)
+    return (*out, (q_emb, None), mask_type, block_table)
+
+
 def apply() -> bool:
     """Install the wrappers once. Returns True when newly installed."""
     if _ORIGINALS:
         return False
+    from megatron.core.fusions import fused_bias_dropout
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer.attention import Attention
 
     _fast(layers, "linear_with_frozen_weight", _linear_frozen)
     _fast(layers, "copy_to_tensor_model_parallel_region", _copy_to_tp)
     _fast(layers, "reduce_from_tensor_model_parallel_region", _reduce_from_tp)
     _fast(rope_utils, "_apply_rotary_pos_emb_bshd", _rope_bshd)
+    _fast(fused_bias_dropout, "_bias_dropout_add_func", _bias_add_residual)
+    _fast(Attention, "_adjust_key_value_for_inference", _adjust_kv_rotated, pass_orig=True)
     return True
 
 
 def remove() -> None:
     """Restore the originals (tests compare both paths)."""
-    import importlib
-
-    for qual, orig in _ORIGINALS.items():
-        mod_name, name = qual.rsplit(".", 1)
-        setattr(importlib.import_module(mod_name), name, orig)
+    for (owner, name), orig in _ORIGINALS.items():
+        setattr(owner, name, orig)
     _ORIGINALS.clear()
     _COS_SIN.holder, _COS_SIN.ptr, _COS_SIN.entries = None, -1, {}
