@@ -34,7 +34,7 @@ def main() -> None:
     from post_training.data import render_prompt
     from post_training.generate import GenerateConfig, generate
     from post_training.model_builder import ModelConfig
-    from post_training.runtime import ParallelConfig, init_runtime
+    from post_training.runtime import ParallelConfig, cpu_compat, init_runtime
 
     rt = init_runtime(ParallelConfig())
     dtype = "bf16" if a.bf16 else "fp32"
@@ -47,7 +47,10 @@ def main() -> None:
         return generate(model, ids, cfg)
 
     def theirs() -> list[int]:
-        with torch.inference_mode():
+        # As in a plain transformers process: without the toolkit's device-rewriting
+        # TorchFunctionMode, which init_runtime leaves pushed and which costs every torch
+        # call Python dispatch (it made transformers ~20% slower here before this was fixed).
+        with torch.inference_mode(), cpu_compat.device_mode_suspended():
             out = hf.generate(torch.tensor([ids]), max_new_tokens=a.new_tokens, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
         return out[0, len(ids):].tolist()
