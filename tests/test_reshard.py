@@ -43,7 +43,9 @@ def test_saved_layout_is_megatron_lm(saved):
     assert torch.allclose(torch.load(base / "tp2.pt")["logits"], ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("quant", ["fp8-kv", "fp8"])
+# "fp8" includes the KV-cache quantizers of "fp8-kv" (dropped for suite time; the script-level
+# TP=2 FP8 + FP8-KV reload is in test_quantize.py).
+@pytest.mark.parametrize("quant", ["fp8"])
 def test_quantized_tp2_checkpoint_loads_at_tp1(tiny_llama, tmp_path, quant):
     """Quantizer scales calibrated at TP=2 (FP8 KV cache alone, or FP8 weights + activations +
     KV cache; amax synced over TP) come back at TP=1 with the same values and logits: the
@@ -65,7 +67,8 @@ def test_int8_per_channel_scales_follow_the_weights_across_tp(tiny_llama, tmp_pa
     """Per-channel INT8 weight scales saved at TP=2 load at TP=1 in the weights' channel order:
     column-parallel scales concatenate over ranks, linear_fc1's (gate/up fused) go through
     megatron's SwiGLU layout like its weight (ModelOpt meant to, see quant_modules), and
-    replicated scales agree. (Logits still differ by ~0.06: open, see the quantization issue.)"""
+    replicated scales agree. (Logits differ by ~0.06: fake-quant rounding near INT8 midpoints under
+    another reduction order, explained in the quantization issue's note.)"""
     saved, loaded = tmp_path / "saved.pt", tmp_path / "loaded.pt"
     torchrun(2, "ckpt.py", "save", "--hf-dir", str(tiny_llama), "--save", str(tmp_path / "q"),
              "--tp", "2", "--quantize", "int8", "--out", str(saved))

@@ -9,7 +9,9 @@ from dist_utils import torchrun
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)])
+# TP=2 only: it runs every step of the TP=1 path plus the sharded optimizer/RNG state (the
+# TP=1 case was dropped for suite time; it passed alongside it through 2026-11-23).
+@pytest.mark.parametrize("tp,pp", [(2, 1)])
 def test_resume_reproduces_losses(tiny_llama, tmp_path, tp, pp):
     n = str(tp * pp)
     common = ["--hf-dir", str(tiny_llama), "--tp", str(tp), "--pp", str(pp)]
