@@ -62,7 +62,7 @@ SHIMS: list[Shim] = [
          "from TensorQuantizer._fake_quantize via DynamicBlockQuantizationFunction"),
     Shim("MKL VML warm-up: torch's VML-backed float functions (cos, sin, exp, ...) run once on "
          "one thread at start-up, before any multi-threaded call",
-         "torch.cos of megatron's rotary table: in about 1 of 10 fresh processes under CPU load "
+         "torch.cos of megatron's rotary table: in 3 of ~90 fresh processes under CPU load "
          "the first 2-thread vmsCos returned enhanced-performance (EP, ~1.5e-4) instead of the "
          "requested high-accuracy results on the main thread's half of the table"),
 ]
@@ -154,9 +154,10 @@ def _patch_megatron_rng() -> None:
 
 def warm_up_vml() -> None:
     """Call each VML-backed unary op of torch once with few elements (one thread: below
-    torch's 2048-element grain), so MKL sets itself up before threads race to. A fresh
-    process whose first threaded torch.cos got EP accuracy on one thread was seen under
-    load (tests/test_atomic_save.py, cross-process logits); this is the mitigation."""
+    torch's 2048-element grain), so any lazy set-up inside MKL happens before threads call
+    it together. A fresh process whose threaded torch.cos got EP accuracy on one thread was
+    seen under load (tests/test_atomic_save.py, cross-process logits); the cause inside MKL
+    is not known, this and fastpath._one_thread are the mitigations."""
     x = torch.full((16,), 0.5)
     for op in (torch.cos, torch.sin, torch.tan, torch.acos, torch.asin, torch.atan, torch.exp,
                torch.log, torch.log2, torch.log10, torch.sqrt, torch.tanh, torch.erf, torch.erfc,

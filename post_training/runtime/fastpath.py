@@ -1,7 +1,7 @@
 """Inference fast paths for megatron-core's local (non-TE) layers on CPU.
 
-A CPU decode step of a small model is bound by Python dispatch, not arithmetic: megatron
-runs ~3x as many torch calls per token as transformers for the same matmuls. Under
+A CPU decode step of a small model is bound by weight reads and Python dispatch, not
+arithmetic; megatron's layers add dispatch around the same matmuls. Under
 ``torch.inference_mode()`` (no autograd graph can be needed) these wrappers skip the
 autograd ``Function`` shells and redundant work at these sites and compute the same forward:
 
