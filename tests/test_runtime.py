@@ -119,9 +119,9 @@ def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tens
     return torch.stack(out)
 
 
-def test_fastpath_rotated_key_cache_equals_megatron(tiny_llama, runtime):
-    """Keys rotated once before caching give megatron's decode logits: every step, exactly
-    as the original re-rotation of the whole cache in the same (fast) rope formula."""
+def test_fastpath_rotated_key_cache_and_mlp_equal_megatron(tiny_llama, runtime):
+    """Keys rotated once before caching, and the lean gated MLP, give megatron's decode logits
+    at every step exactly (the original re-rotates the whole cache in the same rope formula)."""
     from post_training.checkpointing import SourceConfig, setup_model
     from post_training.model_builder import ModelConfig
     from post_training.runtime import fastpath
@@ -130,14 +130,16 @@ def test_fastpath_rotated_key_cache_equals_megatron(tiny_llama, runtime):
     prompt = torch.randint(0, 49152, (1, 11), generator=torch.Generator().manual_seed(5))
     fast = _cached_decode_logits(model, prompt, 6)
     from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.mlp import MLP
 
-    wrapper = Attention._adjust_key_value_for_inference
-    Attention._adjust_key_value_for_inference = fastpath._ORIGINALS[(Attention, "_adjust_key_value_for_inference")]
-    try:
-        orig = _cached_decode_logits(model, prompt, 6)
-    finally:
-        Attention._adjust_key_value_for_inference = wrapper
-    assert torch.equal(fast, orig)
+    for owner, name in ((Attention, "_adjust_key_value_for_inference"), (MLP, "forward")):
+        wrapper = getattr(owner, name)  # each fast path alone against megatron's function
+        setattr(owner, name, fastpath._ORIGINALS[(owner, name)])
+        try:
+            orig = _cached_decode_logits(model, prompt, 6)
+        finally:
+            setattr(owner, name, wrapper)
+        assert torch.equal(fast, orig), name
     fastpath.remove()
     try:
         all_orig = _cached_decode_logits(model, prompt, 6)

@@ -14,6 +14,9 @@ autograd ``Function`` shells and redundant work at these sites and compute the s
   pass-through concat (only when mscale == 1, non-interleaved, non-MLA);
 * ``fused_bias_dropout._bias_dropout_add_func`` (unfused bias-dropout-add) -> the same
   in-place adds without the eval-mode ``dropout`` call, which returns its input;
+* ``MLP.forward`` (unfused gated MLP: SwiGLU and friends) -> the same fc1, activation * up,
+  fc2 through the module's own linear layers (quantized ones included), without building the
+  ``glu`` closure per call and adding ``glu_linear_offset`` when it is 0;
 * ``Attention._adjust_key_value_for_inference`` (static KV cache) -> rotate the new keys
   before they are stored and skip megatron's re-rotation of the whole cached key tensor in
   every layer at every step. RoPE is elementwise per position, so the cached keys hold the
@@ -133,6 +136,20 @@ def _bias_add_residual(x_with_bias, residual, prob, training):
     return x.add_(residual)
 
 
+def _gated_mlp(orig, self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
+    c = self.config
+    if (per_token_scale is not None or c.use_te_activation_func or c.bias_activation_fusion
+            or not c.gated_linear_unit or c.activation_func_clamp_value is not None):
+        return NotImplemented
+    h, bias = self.linear_fc1(hidden_states)
+    if bias is not None:
+        h = h + bias
+    gate, up = torch.chunk(h, 2, dim=-1)
+    if c.glu_linear_offset:
+        up = up + c.glu_linear_offset
+    return self.linear_fc2(c.activation_func(gate) * up)
+
+
 def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
                        *args, **kwargs):
     from megatron.core.transformer import attention
@@ -160,6 +177,7 @@ def apply() -> bool:
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.mlp import MLP
 
     _fast(layers, "linear_with_frozen_weight", _linear_frozen)
     _fast(layers, "copy_to_tensor_model_parallel_region", _copy_to_tp)
@@ -167,6 +185,7 @@ def apply() -> bool:
     _fast(rope_utils, "_apply_rotary_pos_emb_bshd", _rope_bshd)
     _fast(fused_bias_dropout, "_bias_dropout_add_func", _bias_add_residual)
     _fast(Attention, "_adjust_key_value_for_inference", _adjust_kv_rotated, pass_orig=True)
+    _fast(MLP, "forward", _gated_mlp, pass_orig=True)
     return True
 
 
