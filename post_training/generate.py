@@ -104,19 +104,19 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out: list[int] = []
     stops = set(cfg.stop_token_ids)
-    for step in range(cfg.max_new_tokens):
-        # The prefill allocates the KV cache on torch.cuda.current_device(), which the shim
-        # answers with the CPU device itself, so no step needs the device-rewriting mode.
-        with cpu_compat.device_mode_suspended():
+    # The prefill allocates the KV cache on torch.cuda.current_device(), which the shim answers
+    # with the CPU device itself, so the whole loop runs without the device-rewriting mode.
+    with cpu_compat.device_mode_suspended():
+        for _ in range(cfg.max_new_tokens):
             logits = forward_step(model, tokens, ctx)
-        ctx.increment_sequence_len_offset(tokens.size(1))
-        nxt = torch.empty(1, dtype=torch.long, device=device)
-        if logits is not None:
-            nxt = sample(logits[:, -1, :], cfg, gen)
-        nxt = _broadcast_from_last_stage(nxt)
-        tok = int(nxt.item())
-        out.append(tok)
-        if tok in stops:
-            break
-        tokens = nxt.view(1, 1)
+            ctx.increment_sequence_len_offset(tokens.size(1))
+            nxt = torch.empty(1, dtype=torch.long, device=device)
+            if logits is not None:
+                nxt = sample(logits[:, -1, :], cfg, gen)
+            nxt = _broadcast_from_last_stage(nxt)
+            tok = int(nxt.item())
+            out.append(tok)
+            if tok in stops:
+                break
+            tokens = nxt.view(1, 1)
     return out
