@@ -1,4 +1,5 @@
 """The runtime layer: CPU shims, device choice and process-group checks."""
+import contextlib
 import os
 
 import pytest
@@ -119,33 +120,79 @@ def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tens
     return torch.stack(out)
 
 
+@contextlib.contextmanager
+def _originals(*keys):
+    """Megatron's own functions at these fast-path sites, the other fast paths kept."""
+    from post_training.runtime import fastpath
+
+    wrappers = {k: getattr(*k) for k in keys}
+    for (owner, name) in keys:
+        setattr(owner, name, fastpath._ORIGINALS[(owner, name)])
+    try:
+        yield
+    finally:
+        for (owner, name), w in wrappers.items():
+            setattr(owner, name, w)
+
+
+def _lean_layer_sites():
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    return (TransformerLayer, "forward"), (TransformerBlock, "forward")
+
+
 def test_fastpath_rotated_key_cache_and_mlp_equal_megatron(tiny_llama, runtime):
     """Keys rotated once before caching, and the lean gated MLP, give megatron's decode logits
-    at every step exactly (the original re-rotates the whole cache in the same rope formula)."""
+    at every step exactly (the original re-rotates the whole cache in the same rope formula).
+    Checked under megatron's own layer forward, which calls these sites."""
+    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.mlp import MLP
+
     from post_training.checkpointing import SourceConfig, setup_model
     from post_training.model_builder import ModelConfig
     from post_training.runtime import fastpath
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     prompt = torch.randint(0, 49152, (1, 11), generator=torch.Generator().manual_seed(5))
-    fast = _cached_decode_logits(model, prompt, 6)
-    from megatron.core.transformer.attention import Attention
-    from megatron.core.transformer.mlp import MLP
-
-    for owner, name in ((Attention, "_adjust_key_value_for_inference"), (MLP, "forward")):
-        wrapper = getattr(owner, name)  # each fast path alone against megatron's function
-        setattr(owner, name, fastpath._ORIGINALS[(owner, name)])
-        try:
-            orig = _cached_decode_logits(model, prompt, 6)
-        finally:
-            setattr(owner, name, wrapper)
-        assert torch.equal(fast, orig), name
+    with _originals(*_lean_layer_sites()):
+        fast = _cached_decode_logits(model, prompt, 6)
+        for site in ((Attention, "_adjust_key_value_for_inference"), (MLP, "forward")):
+            with _originals(site):  # each fast path alone against megatron's function
+                orig = _cached_decode_logits(model, prompt, 6)
+            assert torch.equal(fast, orig), site
     fastpath.remove()
     try:
         all_orig = _cached_decode_logits(model, prompt, 6)
     finally:
         fastpath.apply()
     assert (fast - all_orig).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_lean_layer_equals_megatron_layer(tiny_llama, runtime, monkeypatch, hooked):
+    """The lean layer and block loop give the logits of megatron's TransformerLayer /
+    TransformerBlock forward bit for bit, at the prefill and every cached decode step; the
+    lean path really runs; a forward hook on a linear layer is honoured (its module is called)."""
+    from post_training.checkpointing import SourceConfig, setup_model
+    from post_training.model_builder import ModelConfig
+    from post_training.runtime import fast_layer
+
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
+    prompt = torch.randint(0, 49152, (1, 9), generator=torch.Generator().manual_seed(6))
+    plain = _cached_decode_logits(model, prompt, 5)
+    if hooked:  # halves one layer's qkv projection: the logits must change the same way
+        model.decoder.layers[0].self_attention.linear_qkv.register_forward_hook(
+            lambda mod, args, out: (out[0] * 0.5, out[1]))
+    lean_calls = []
+    real_mlp = fast_layer._mlp
+    monkeypatch.setattr(fast_layer, "_mlp", lambda mlp, x: lean_calls.append(1) or real_mlp(mlp, x))
+    fast = _cached_decode_logits(model, prompt, 5)
+    assert len(lean_calls) == len(model.decoder.layers) * 6  # prefill + 5 decode steps
+    with _originals(*_lean_layer_sites()):
+        orig = _cached_decode_logits(model, prompt, 5)
+    assert torch.equal(fast, orig)
+    assert hooked != torch.equal(fast, plain)
 
 
 def test_rope_table_is_computed_on_one_thread_and_threads_restored(runtime):

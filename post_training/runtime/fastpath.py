@@ -22,6 +22,10 @@ autograd ``Function`` shells and redundant work at these sites and compute the s
   every layer at every step. RoPE is elementwise per position, so the cached keys hold the
   same values the original computes again each step (not with flash decode, which does this
   itself, nor with packed sequences).
+* ``TransformerLayer.forward`` with megatron's static KV cache -> ``fast_layer.layer_forward``:
+  the same ops on the layer's own modules without the general forward's branches (dense GPT
+  layers only; see that module), and ``TransformerBlock.forward`` -> ``fast_layer.block_forward``
+  (the same layer loop calling it directly).
 
 Outside inference mode every call goes to the original function, so training and
 autograd are untouched. Applied by ``init_runtime`` on CPU only; tests compare logits with
@@ -178,6 +182,10 @@ def apply() -> bool:
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from post_training.runtime import fast_layer
 
     _fast(layers, "linear_with_frozen_weight", _linear_frozen)
     _fast(layers, "copy_to_tensor_model_parallel_region", _copy_to_tp)
@@ -186,6 +194,8 @@ def apply() -> bool:
     _fast(fused_bias_dropout, "_bias_dropout_add_func", _bias_add_residual)
     _fast(Attention, "_adjust_key_value_for_inference", _adjust_kv_rotated, pass_orig=True)
     _fast(MLP, "forward", _gated_mlp, pass_orig=True)
+    _fast(TransformerLayer, "forward", fast_layer.layer_forward, pass_orig=True)
+    _fast(TransformerBlock, "forward", fast_layer.block_forward, pass_orig=True)
     return True
 
 
