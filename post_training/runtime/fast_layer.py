@@ -32,7 +32,7 @@ from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.utils import make_viewless_tensor
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch.nn.modules import module as nn_module
 
 from post_training.runtime import fastpath
@@ -230,8 +230,10 @@ def block_forward(orig, self, hidden_states, attention_mask, context=None, conte
     if (inference_context is None or not inference_context.is_static_batching() or self.training
             or type(self).forward is not TransformerBlock.forward
             or kwargs.get("inference_params") is not None or c.sequence_parallel or c.fp8 or c.fp4
-            or c.cpu_offloading or not isinstance(hidden_states, torch.Tensor)):
+            or c.cpu_offloading):
         return NotImplemented
+    if isinstance(hidden_states, WrappedTensor):  # GPTModel passes it so the block can free it
+        hidden_states = hidden_states.unwrap()
     if not self.pre_process:
         hidden_states = self.input_tensor
     hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
