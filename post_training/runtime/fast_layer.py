@@ -111,19 +111,11 @@ def _row(mod, x):
 
 
 def _mlp(mlp, x):
-    """The gated MLP of ``fastpath._gated_mlp`` with the linears above; else the module."""
-    c = mlp.config
-    if (type(mlp) is not MLP or not _no_hooks(mlp)
-            or c.use_te_activation_func or c.bias_activation_fusion or not c.gated_linear_unit
-            or c.activation_func_clamp_value is not None):
-        return mlp(x)
-    h, bias = _column(mlp.linear_fc1, x)
-    if bias is not None:
-        h = h + bias
-    gate, up = torch.chunk(h, 2, dim=-1)
-    if c.glu_linear_offset:
-        up = up + c.glu_linear_offset
-    return _row(mlp.linear_fc2, c.activation_func(gate) * up)
+    """``fastpath.gated_mlp`` with the linears above; else the module."""
+    out = NotImplemented
+    if type(mlp) is MLP and _no_hooks(mlp):
+        out = fastpath.gated_mlp(mlp, x, _column, _row)
+    return mlp(x) if out is NotImplemented else out
 
 
 def _add_residual(out_with_bias, residual):

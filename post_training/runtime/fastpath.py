@@ -140,18 +140,28 @@ def _bias_add_residual(x_with_bias, residual, prob, training):
     return x.add_(residual)
 
 
-def _gated_mlp(orig, self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
-    c = self.config
-    if (per_token_scale is not None or c.use_te_activation_func or c.bias_activation_fusion
-            or not c.gated_linear_unit or c.activation_func_clamp_value is not None):
+def _call_module(mod, x):
+    return mod(x)
+
+
+def gated_mlp(mlp, x, fc1=_call_module, fc2=_call_module):
+    """The unfused gated MLP (SwiGLU and friends) through ``fc1(mlp.linear_fc1, x)`` and
+    ``fc2(mlp.linear_fc2, y)``; NotImplemented for the variants megatron computes otherwise."""
+    c = mlp.config
+    if (c.use_te_activation_func or c.bias_activation_fusion or not c.gated_linear_unit
+            or c.activation_func_clamp_value is not None):
         return NotImplemented
-    h, bias = self.linear_fc1(hidden_states)
+    h, bias = fc1(mlp.linear_fc1, x)
     if bias is not None:
         h = h + bias
     gate, up = torch.chunk(h, 2, dim=-1)
     if c.glu_linear_offset:
         up = up + c.glu_linear_offset
-    return self.linear_fc2(c.activation_func(gate) * up)
+    return fc2(mlp.linear_fc2, c.activation_func(gate) * up)
+
+
+def _gated_mlp(orig, self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
+    return NotImplemented if per_token_scale is not None else gated_mlp(self, hidden_states)
 
 
 def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
