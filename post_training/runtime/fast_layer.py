@@ -100,10 +100,11 @@ def _column(mod, x):
 
 def _row(mod, x):
     """RowParallelLinear's inference forward: linear, TP all-reduce, bias."""
-    if not _plain(mod, RowParallelLinear) or not mod.input_is_parallel or mod.explicit_expert_comm:
+    if (not _plain(mod, RowParallelLinear) or not mod.input_is_parallel or mod.explicit_expert_comm
+            or mod.tp_group is None):
         return mod(x)
     out = F.linear(x, mod.weight)
-    if mod.tp_group is not None and mod.tp_group.size() > 1:
+    if mod.tp_group.size() > 1:
         out = mappings._reduce(out, mod.tp_group)
     if mod.skip_bias_add:
         return out, mod.bias
