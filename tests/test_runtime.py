@@ -169,16 +169,21 @@ def test_fastpath_rotated_key_cache_and_mlp_equal_megatron(tiny_llama, runtime):
     assert (fast - all_orig).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("hooked", [False, True])
-def test_lean_layer_equals_megatron_layer(tiny_llama, runtime, monkeypatch, hooked):
+@pytest.mark.parametrize("kind,hooked", [("llama", False), ("llama", True), ("qwen3", False), ("qwen2", False)])
+def test_lean_layer_equals_megatron_layer(tiny_dirs, runtime, monkeypatch, kind, hooked):
     """The lean layer and block loop give the logits of megatron's TransformerLayer /
-    TransformerBlock forward bit for bit, at the prefill and every cached decode step; the
-    lean path really runs; a forward hook on a linear layer is honoured (its module is called)."""
+    TransformerBlock forward bit for bit, at the prefill and every cached decode step (Qwen3:
+    q/k norms, separate rotation; Qwen2: qkv bias, untied output layer); the lean path really
+    runs; a forward hook on a linear layer is honoured (its module is called)."""
     from post_training.checkpointing import SourceConfig, setup_model
     from post_training.model_builder import ModelConfig
     from post_training.runtime import fast_layer
 
-    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_dirs[kind])), ModelConfig(), runtime)
+    with torch.no_grad():  # HF initialises biases to zero, which would hide a dropped bias
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(7))
     prompt = torch.randint(0, 49152, (1, 9), generator=torch.Generator().manual_seed(6))
     plain = _cached_decode_logits(model, prompt, 5)
     if hooked:  # halves one layer's qkv projection: the logits must change the same way
