@@ -119,14 +119,6 @@ def _mlp(mlp, x):
     return mlp(x) if out is NotImplemented else out
 
 
-def _add_residual(out_with_bias, residual):
-    # get_bias_dropout_add's in-place eval branch: out += bias; dropout is the identity; out += residual.
-    out, bias = out_with_bias
-    if bias is not None:
-        out.add_(bias)
-    return out.add_(residual if residual.dtype == out.dtype else residual.to(out.dtype))
-
-
 def layer_forward(orig, self, hidden_states, attention_mask=None, context=None, context_mask=None,
                   rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
                   rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
@@ -199,8 +191,9 @@ def layer_forward(orig, self, hidden_states, attention_mask=None, context=None, 
     core = att.core_attention(query, memory[0][:end, b0:b0 + b], memory[1][:end, b0:b0 + b],
                               attention_mask, attn_mask_type=mask_type, attention_bias=None,
                               packed_seq_params=None)
-    hidden = _add_residual(_row(att.linear_proj, core), residual)
-    hidden = _add_residual(_mlp(self.mlp, self.pre_mlp_layernorm(hidden)), hidden)
+    # get_bias_dropout_add in eval, as fastpath's bias-dropout-add path computes it.
+    hidden = fastpath.add_bias_residual_(*_row(att.linear_proj, core), residual)
+    hidden = fastpath.add_bias_residual_(*_mlp(self.mlp, self.pre_mlp_layernorm(hidden)), hidden)
     return hidden, context
 
 

@@ -129,15 +129,19 @@ def _rope_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False,
     return t * cos + torch.roll(t, t.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def _bias_add_residual(x_with_bias, residual, prob, training):
-    x, bias = x_with_bias
-    if training or residual.dtype != x.dtype or x.requires_grad or residual.requires_grad or (
-            bias is not None and bias.requires_grad):
-        return NotImplemented
-    # The original's in-place branch in eval mode: x += bias; dropout (identity); x += residual.
+def add_bias_residual_(x, bias, residual):
+    """The original's in-place branch in eval mode: x += bias; dropout (identity); x += residual
+    (cast to x's dtype, as the original does)."""
     if bias is not None:
         x.add_(bias)
-    return x.add_(residual)
+    return x.add_(residual if residual.dtype == x.dtype else residual.to(x.dtype))
+
+
+def _bias_add_residual(x_with_bias, residual, prob, training):
+    x, bias = x_with_bias
+    if training or x.requires_grad or residual.requires_grad or (bias is not None and bias.requires_grad):
+        return NotImplemented
+    return add_bias_residual_(x, bias, residual)
 
 
 def _call_module(mod, x):
