@@ -119,7 +119,7 @@ def _mlp(mlp, x):
     return mlp(x) if out is NotImplemented else out
 
 
-def layer_forward(orig, self, hidden_states, attention_mask=None, context=None, context_mask=None,
+def layer_forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
                   rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
                   rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                   packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
@@ -204,7 +204,7 @@ def _direct_call_ok(layer) -> bool:
             and type(layer).__call__ is TransformerLayer.__call__ and "forward" not in layer.__dict__)
 
 
-def block_forward(orig, self, hidden_states, attention_mask, context=None, context_mask=None,
+def block_forward(self, hidden_states, attention_mask, context=None, context_mask=None,
                   rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
                   rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                   packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
@@ -230,7 +230,7 @@ def block_forward(orig, self, hidden_states, attention_mask, context=None, conte
                 packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
                 padding_mask=padding_mask)
     for layer in self.layers:
-        out = layer_forward(None, layer, hidden_states, **args) if _direct_call_ok(layer) else NotImplemented
+        out = layer_forward(layer, hidden_states, **args) if _direct_call_ok(layer) else NotImplemented
         if out is NotImplemented:
             out = layer(hidden_states=hidden_states, **args)
         hidden_states, args["context"] = out

@@ -164,7 +164,7 @@ def gated_mlp(mlp, x, fc1=_call_module, fc2=_call_module):
     return fc2(mlp.linear_fc2, c.activation_func(gate) * up)
 
 
-def _gated_mlp(orig, self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
+def _gated_mlp(self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
     return NotImplemented if per_token_scale is not None else gated_mlp(self, hidden_states)
 
 
@@ -207,9 +207,9 @@ def apply() -> bool:
     _fast(rope_utils, "_apply_rotary_pos_emb_bshd", _rope_bshd)
     _fast(fused_bias_dropout, "_bias_dropout_add_func", _bias_add_residual)
     _fast(Attention, "_adjust_key_value_for_inference", _adjust_kv_rotated, pass_orig=True)
-    _fast(MLP, "forward", _gated_mlp, pass_orig=True)
-    _fast(TransformerLayer, "forward", fast_layer.layer_forward, pass_orig=True)
-    _fast(TransformerBlock, "forward", fast_layer.block_forward, pass_orig=True)
+    _fast(MLP, "forward", _gated_mlp)
+    _fast(TransformerLayer, "forward", fast_layer.layer_forward)
+    _fast(TransformerBlock, "forward", fast_layer.block_forward)
     return True
 
 
