@@ -170,12 +170,8 @@ def layer_forward(self, hidden_states, attention_mask=None, context=None, contex
             key = att.k_layernorm(key)
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            mscale = attn_mod._yarn_get_concentration_factor_from_config(cfg)
-            cp = att.pg_collection.cp
-            key = attn_mod.apply_rotary_pos_emb(key, k_emb[start:end], config=cfg, mscale=mscale,
-                                                cp_group=cp)
-            query = attn_mod.apply_rotary_pos_emb(query, q_emb[start:end], config=cfg, mscale=mscale,
-                                                  cp_group=cp)
+            key = fastpath.rotate_rows(att, key, k_emb, start)
+            query = fastpath.rotate_rows(att, query, q_emb, start)
 
     memory = ctx.key_value_memory_dict.get(att.layer_number)
     if memory is None:

@@ -168,20 +168,26 @@ def _gated_mlp(self, hidden_states, per_token_scale=None, **kwargs):  # kwargs u
     return NotImplemented if per_token_scale is not None else gated_mlp(self, hidden_states)
 
 
-def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
-                       *args, **kwargs):
+def rotate_rows(att, t, table, start: int):
+    """megatron's RoPE (as ``Attention.forward`` calls it) of the rows ``start..`` of a table
+    for ``t`` [s, b, heads, dim]."""
     from megatron.core.transformer import attention
 
-    cfg = self.config
-    if (inference_context is None or not inference_context.is_static_batching() or cfg.flash_decode
-            or not isinstance(rotary_pos_emb, tuple) or rotary_pos_emb[1] is None):
+    cfg = att.config
+    return attention.apply_rotary_pos_emb(
+        t, table[start:start + t.size(0)], config=cfg,
+        mscale=attention._yarn_get_concentration_factor_from_config(cfg), cp_group=att.pg_collection.cp)
+
+
+def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
+                       *args, **kwargs):
+    if (inference_context is None or not inference_context.is_static_batching()
+            or self.config.flash_decode or not isinstance(rotary_pos_emb, tuple)
+            or rotary_pos_emb[1] is None):
         return NotImplemented
     q_emb, k_emb = rotary_pos_emb
-    start = inference_context.sequence_len_offset
     # What Attention.forward would apply to these rows of the cache, applied once.
-    key = attention.apply_rotary_pos_emb(
-        key, k_emb[start:start + key.size(0)], config=cfg,
-        mscale=attention._yarn_get_concentration_factor_from_config(cfg), cp_group=self.pg_collection.cp)
+    key = rotate_rows(self, key, k_emb, inference_context.sequence_len_offset)
     *out, (q_emb, _), mask_type, block_table = orig(
         self, inference_context, query, key, value, (q_emb, k_emb), *args, **kwargs)
     return (*out, (q_emb, None), mask_type, block_table)
