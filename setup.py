@@ -28,7 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pt-generate=post_training.cli.generate:cli_main",
-            "pt-ckpt=post_training.ckpt.cli:cli_main",
+            "pt-ckpt=post_training.checkpointing.tools.cli:cli_main",
         ]
     },
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import post_training  # noqa: E402,F401  (quiet import-time notices)
+import post_training.cli  # noqa: E402,F401  (quiet import-time notices)
 
 
 def rss_peak_gib() -> float:
@@ -35,9 +35,12 @@ def main() -> None:
 
     import torch
 
-    from post_training.checkpointing import (SourceConfig, load_model_checkpoint, resolve_hf_dir,
-                                             save_checkpoint, setup_model)
-    from post_training.model_builder import ModelConfig, build_model
+    from post_training.checkpointing import load_model_checkpoint, save_checkpoint
+    from post_training.config import SourceConfig
+    from post_training.hf import source_hf_dir
+    from post_training.model_builder import setup_model
+    from post_training.model_builder import build_model
+    from post_training.config import ModelConfig
     from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
@@ -46,14 +49,14 @@ def main() -> None:
     if a.method == "dist-load":
         from transformers import AutoConfig
 
-        model = build_model(AutoConfig.from_pretrained(resolve_hf_dir(src)), rt, ModelConfig())
+        model = build_model(AutoConfig.from_pretrained(source_hf_dir(src)), rt, ModelConfig())
     else:
         model, _, _ = setup_model(src, ModelConfig(), rt)
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     before = rss_peak_gib()
     t0 = time.perf_counter()
     if a.method == "dist-save":
-        save_checkpoint(model, rt, path, 1, hf_dir=resolve_hf_dir(src))
+        save_checkpoint(model, rt, path, 1, hf_dir=source_hf_dir(src))
     elif a.method == "dist-load":
         load_model_checkpoint(path, model, rt)
     elif a.method == "torch-save":

@@ -30,10 +30,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from post_training.checkpointing import SourceConfig, setup_model
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
     from post_training.data import render_prompt
-    from post_training.generate import GenerateConfig, generate
-    from post_training.model_builder import ModelConfig
+    from post_training.generate import generate
+    from post_training.config import GenerateConfig
+    from post_training.config import ModelConfig
     from post_training.runtime import ParallelConfig, cpu_compat, init_runtime
 
     rt = init_runtime(ParallelConfig())

@@ -80,18 +80,23 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from post_training.checkpointing import SourceConfig, load_tokenizer, resolve_hf_dir, setup_model
+    from post_training.config import SourceConfig
+    from post_training.hf import load_tokenizer, source_hf_dir
+    from post_training.model_builder import setup_model
     from post_training.data import builtin_text, token_chunks
     from post_training.evaluate import perplexity
-    from post_training.generate import forward_step
-    from post_training.model_builder import ModelConfig
-    from post_training.quantize import (AUTO, QuantizeConfig, auto_formats, auto_quantize, calibration_samples,
-                                        forward_loop, next_token_loss, resolve_quant_cfg)
+    from post_training.generate import stage_forward
+    from post_training.config import ModelConfig
+    from post_training.config import AUTO
+    from post_training.quantization.calibration import calibration_samples, forward_loop
+    from post_training.quantization.ptq import auto_quantize, next_token_loss
+    from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
+    from post_training.config import QuantizeConfig
     from post_training.runtime import ParallelConfig, init_runtime
 
     rt = init_runtime(ParallelConfig())
     src = SourceConfig()
-    hf_dir = resolve_hf_dir(src)
+    hf_dir = source_hf_dir(src)
     tok = load_tokenizer(hf_dir)
     base_q = dict(calib_dataset=a.calib_dataset, calib_size=a.calib_size, calib_seq_length=a.calib_seq_length)
     samples = calibration_samples(QuantizeConfig(**base_q), tok)
@@ -102,7 +107,7 @@ def main() -> None:
     def ours(fmt: str | None) -> tuple[float, float]:
         # auto-quantize backpropagates for its scores; everything else runs on frozen weights
         model, _, _ = setup_model(src, ModelConfig(), rt, inference=fmt != AUTO)
-        fwd = lambda m, x: forward_step(m, x, None)  # noqa: E731
+        fwd = lambda m, x: stage_forward(m, x, None)  # noqa: E731
         t0 = time.perf_counter()
         if fmt == AUTO:
             q = QuantizeConfig(quant_cfg=AUTO, auto_bits=a.auto_quantize_bits,

@@ -1,19 +1,165 @@
-"""Command-line flags (Megatron-LM names) parsed once into typed configs.
+"""The flag registry: Megatron-LM's flag names (and the scripts' environment variables) mapped
+onto the typed configs of :mod:`post_training.config`.
 
-Only this module knows flag names; everything else receives the dataclasses below or
-those of the module that owns them (ParallelConfig, ModelConfig, GenerateConfig).
+Every flag is defined once, here, in the group of the config it fills; its default is that
+config field's default (an entry point may override it, e.g. fewer answer tokens for quantize).
+An entry point composes the groups it needs::
+
+    args = arguments.parse(argv, ["runtime", "model", "source", "prompts", "generate"], prog="generate")
+    args.runtime    # ParallelConfig
+    args.generate   # GenerateConfig
+
+A flag may name the environment variable the launch scripts read for it (``MLM_MODEL_SAVE`` for
+``--save``, ...); a set variable is the flag's default, an explicit flag wins. Only entry points
+import this module; the library receives the dataclasses.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
-from typing import Callable
+import typing
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Sequence
 
-from post_training.checkpointing import SourceConfig
-from post_training.generate import GenerateConfig
-from post_training.hf import EMBEDDED_MODEL
-from post_training.model_builder import ModelConfig
-from post_training.runtime import ParallelConfig
+from post_training import config as C
+from post_training.utils import UsageError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag and the config field it sets."""
+
+    flag: str
+    field: str
+    help: str = ""
+    env: str | None = None  # environment variable the launch scripts map onto it
+    choices: Sequence[str] | None = None
+    convert: Callable[[str], Any] | None = None  # string -> field value (default: the field's type)
+    const: Any = None  # a store_const flag (--bf16 sets dtype = "bf16")
+    negate: bool = False  # a switch that sets a bool field to False (--no-chat-template)
+    mutex: str | None = None  # flags sharing a mutex name exclude each other
+
+
+@dataclass(frozen=True)
+class Group:
+    cls: type
+    title: str
+    flags: tuple[Flag, ...]
+
+
+def _size(text: str) -> int:
+    from post_training.io.formats import parse_size
+
+    return parse_size(text, "--export-max-shard-size")
+
+
+GROUPS: dict[str, Group] = {
+    "runtime": Group(C.ParallelConfig, "parallelism and device", (
+        Flag("--tensor-model-parallel-size", "tp", "tensor-parallel size", env="TP"),
+        Flag("--pipeline-model-parallel-size", "pp", "pipeline-parallel size", env="PP"),
+        Flag("--device", "device", "auto: CUDA when available, else CPU", choices=C.DEVICES),
+        Flag("--seed", "seed", "seed of every generator (sampling, dropout, data order)"),
+    )),
+    "model": Group(C.ModelConfig, "model", (
+        Flag("--bf16", "dtype", "run in bfloat16", const="bf16", mutex="precision"),
+        Flag("--fp16", "dtype", "run in float16", const="fp16", mutex="precision"),
+        Flag("--seq-length", "seq_length", "longest sequence: prompt + answer, eval window, training sample"),
+        Flag("--transformer-impl", "transformer_impl", "layer implementation (auto: TE on GPU when "
+             "installed, else local)", choices=C.TRANSFORMER_IMPLS),
+        Flag("--hidden-dropout", "hidden_dropout"),
+        Flag("--attention-dropout", "attention_dropout"),
+    )),
+    "source": Group(C.SourceConfig, "model source", (
+        Flag("--model-conf", "model_conf", "model conf name (examples/conf/<org>/<model>) or a yaml "
+             "path; the scripts' first positional argument"),
+        Flag("--pretrained-model-path", "pretrained_model_path", "local HF model directory", env="HF_MODEL_CKPT"),
+        Flag("--load", "load", "dist checkpoint (or HF directory) to load", env="MLM_MODEL_CKPT"),
+        Flag("--dist-ckpt-strictness", "strictness", "raise_all refuses a checkpoint that does not "
+             "match the model; log_all loads what matches and prints what was skipped", choices=C.STRICTNESS),
+        Flag("--skip-checkpoint-hash-check", "verify_hashes", "check shard sizes only, not their "
+             "sha256, when loading", negate=True),
+    )),
+    "save": Group(C.SaveConfig, "checkpoint output", (
+        Flag("--save", "save", "where to save the dist checkpoint", env="MLM_MODEL_SAVE"),
+        Flag("--keep-last-checkpoints", "keep_last", "after a save, delete all but the newest N iterations"),
+    )),
+    "batch": Group(C.BatchConfig, "batch", (
+        Flag("--micro-batch-size", "micro_batch_size", "sequences per forward"),
+        Flag("--global-batch-size", "global_batch_size", "sequences per optimizer step, all DP ranks"),
+    )),
+    "prompts": Group(C.PromptConfig, "prompts", (
+        Flag("--prompts-file", "prompts_file", "json list of strings, jsonl of chat messages, or "
+             "text (one prompt a line); default: three built-in prompts"),
+        Flag("--no-chat-template", "chat_template", "feed prompts as raw text instead of rendering "
+             "the chat template", negate=True),
+    )),
+    "report": Group(C.ReportConfig, "report", (
+        Flag("--json-out", "json_out", "also write the results as json here"),
+    )),
+    "generate": Group(C.GenerateConfig, "generation", (
+        Flag("--max-new-tokens", "max_new_tokens"),
+        Flag("--temperature", "temperature", "0 = greedy"),
+        Flag("--top-p", "top_p"),
+        Flag("--top-k", "top_k", "0 = off"),
+    )),
+    "quantize": Group(C.QuantizeConfig, "quantization", (
+        Flag("--export-quant-cfg", "quant_cfg", "ModelOpt config name, yaml/json recipe, or auto "
+             "(quantize.sh's second positional argument, or QUANT_CFG)"),
+        Flag("--export-kv-cache-quant", "kv_cache_quant", choices=C.KV_CACHE_FORMATS),
+        Flag("--calib-dataset", "calib_dataset", "'builtin' (offline text), a datasets hub name, or a "
+             "jsonl/json/parquet/txt file"),
+        Flag("--calib-dataset-split", "calib_split"),
+        Flag("--calib-dataset-field", "calib_field", "text or chat-messages field (default: messages, "
+             "conversations or text)"),
+        Flag("--calib-size", "calib_size", "calibration samples"),
+        Flag("--calib-seq-length", "calib_seq_length", "tokens per calibration sample"),
+        Flag("--auto-quantize-bits", "auto_bits", "with --export-quant-cfg auto: effective weight "
+             "bits the per-layer search must meet"),
+        Flag("--auto-quantize-formats", "auto_formats", "comma-separated candidate formats for auto "
+             "(no quantization is always a candidate)"),
+        Flag("--auto-quantize-method", "auto_method", choices=C.AUTO_METHODS),
+        Flag("--auto-quantize-score-size", "auto_score_size", "calibration samples used to score "
+             "layer sensitivity"),
+    )),
+    "eval": Group(C.EvalConfig, "evaluation", (
+        Flag("--eval-text-path", "text_path", "plain UTF-8 text file to evaluate"),
+        Flag("--eval-dataset", "dataset", "datasets.load_dataset name (hub, when online) or a local "
+             "json/jsonl/parquet/csv/txt file or dataset directory"),
+        Flag("--eval-dataset-split", "dataset_split", "split of --eval-dataset (any name works for a "
+             "local file)"),
+        Flag("--eval-dataset-field", "dataset_field", "text column of --eval-dataset"),
+        Flag("--eval-max-chunks", "max_chunks", "evaluate at most N --seq-length windows"),
+        Flag("--mmlu-path", "mmlu_path", "MMLU-format .csv/.jsonl: also report zero-shot "
+             "multiple-choice accuracy"),
+    )),
+    "export": Group(C.ExportConfig, "export", (
+        Flag("--export-dir", "export_dir", "where to write the HF checkpoint", env="EXPORT_DIR"),
+        Flag("--export-max-shard-size", "max_shard_size", "largest safetensors shard (5GB, 500MB, "
+             "2GiB, bytes); above it the weights are split with model.safetensors.index.json",
+             convert=_size),
+        Flag("--export-dtype", "dtype", "dtype of the unquantized tensors (auto: the model's)",
+             choices=("auto", *C.DTYPE_NAMES)),
+        Flag("--overwrite", "overwrite", "replace a non-empty export dir"),
+    )),
+    "train": Group(C.TrainConfig, "training", (
+        Flag("--lr", "lr"), Flag("--min-lr", "min_lr"), Flag("--lr-warmup-iters", "lr_warmup_iters"),
+        Flag("--lr-decay-iters", "lr_decay_iters", "default: --train-iters"),
+        Flag("--lr-decay-style", "lr_decay_style", choices=C.LR_DECAY_STYLES),
+        Flag("--weight-decay", "weight_decay"), Flag("--clip-grad", "clip_grad", "0 disables clipping"),
+        Flag("--adam-beta1", "adam_beta1"), Flag("--adam-beta2", "adam_beta2"),
+        Flag("--adam-eps", "adam_eps"), Flag("--train-iters", "train_iters"),
+    )),
+}
+
+# Read by scripts/launch.sh itself (not by a flag): listed in every --help.
+LAUNCHER_ENV = {
+    "TP, PP, DP": "tensor / pipeline / data parallel sizes; the script starts TP*PP*DP ranks",
+    "MLM_EXTRA_ARGS": "more flags, as on the command line",
+    "NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT": "multi-node torchrun settings",
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,92 +170,90 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and parallelism")
-    g.add_argument("--model-conf", default=EMBEDDED_MODEL,
-                   help="model conf name (examples/conf/<org>/<model>) or a yaml path")
-    g.add_argument("--pretrained-model-path", default=None, help="local HF model directory")
-    g.add_argument("--load", default=None, help="checkpoint to load")
-    g.add_argument("--save", default=None, help="where to save a checkpoint")
-    g.add_argument("--export-dir", default=None)
-    g.add_argument("--export-quant-cfg", default=None)
-    g.add_argument("--export-kd-teacher-load", default=None)
-    g.add_argument("--dist-ckpt-strictness", default="raise_all", choices=["raise_all", "log_all"],
-                   help="raise_all refuses a checkpoint that does not match the model; "
-                        "log_all loads what matches and prints what was skipped")
-    g.add_argument("--keep-last-checkpoints", type=int, default=None,
-                   help="after a save, delete all but the newest N iterations")
-    g.add_argument("--skip-checkpoint-hash-check", action="store_true",
-                   help="check shard sizes only, not their sha256, when loading")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--seq-length", type=int, default=4096)
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
-    g.add_argument("--transformer-impl", default="auto",
-                   choices=["auto", "local", "transformer_engine"])
-    d = g.add_mutually_exclusive_group()
-    d.add_argument("--bf16", action="store_true")
-    d.add_argument("--fp16", action="store_true")
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompts-file", default=None,
-                   help="json list of strings, jsonl of chat messages, or text (one prompt a line)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--no-chat-template", action="store_true",
-                   help="feed prompts as raw text instead of rendering the chat template")
-    g.add_argument("--json-out", default=None, help="also write the answers as json here")
+def _scalar(tp: Any) -> type:
+    """int | None -> int."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
 
 
-def parse(argv: list[str] | None, *groups: Callable[[argparse.ArgumentParser], None],
-          prog: str | None = None) -> argparse.Namespace:
-    p = OneLineParser(prog=prog)
-    add_common_args(p)
-    for add in groups:
-        add(p)
-    return p.parse_args(argv)
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
-def parallel_config(ns: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(tp=ns.tensor_model_parallel_size, pp=ns.pipeline_model_parallel_size,
-                          device=ns.device, seed=ns.seed)
+def _env_default(flag: Flag, kind: type, env: Mapping[str, str]) -> Any:
+    raw = env.get(flag.env or "", "")
+    if not raw:
+        return dataclasses.MISSING
+    try:
+        return flag.convert(raw) if flag.convert else kind(raw)
+    except ValueError:
+        raise UsageError(f"{flag.env}={raw!r} is not a valid {flag.flag} value") from None
 
 
-def model_config(ns: argparse.Namespace) -> ModelConfig:
-    dtype = "bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32"
-    return ModelConfig(dtype=dtype, seq_length=ns.seq_length, transformer_impl=ns.transformer_impl,
-                       hidden_dropout=ns.hidden_dropout, attention_dropout=ns.attention_dropout)
+def _add_group(p: argparse.ArgumentParser, name: str, group: Group, overrides: Mapping[str, Any],
+               env: Mapping[str, str]) -> None:
+    g = p.add_argument_group(group.title)
+    fields = {f.name: f for f in dataclasses.fields(group.cls)}
+    types = _field_types(group.cls)
+    mutex: dict[str, Any] = {}
+    for fl in group.flags:
+        kind = _scalar(types[fl.field])
+        dest = f"{name}.{fl.field}"
+        default = overrides.get(dest, _default(fields[fl.field]))
+        from_env = _env_default(fl, kind, env)
+        default = default if from_env is dataclasses.MISSING else from_env
+        text = fl.help + (f" [env {fl.env}]" if fl.env else "")
+        target = g
+        if fl.mutex:
+            target = mutex.setdefault(fl.mutex, g.add_mutually_exclusive_group())
+        if fl.const is not None:
+            target.add_argument(fl.flag, dest=dest, action="store_const", const=fl.const, help=text)
+            p.set_defaults(**{dest: default})
+        elif kind is bool:
+            target.add_argument(fl.flag, dest=dest, action="store_false" if fl.negate else "store_true",
+                                help=text)
+            p.set_defaults(**{dest: default})
+        else:
+            shown = f"{text} (default: {default})" if default is not None else text
+            target.add_argument(fl.flag, dest=dest, default=default, type=fl.convert or kind,
+                                choices=fl.choices, help=shown.strip())
 
 
-def source_config(ns: argparse.Namespace) -> SourceConfig:
-    return SourceConfig(
-        model_conf=ns.model_conf,
-        pretrained_model_path=ns.pretrained_model_path,
-        load=ns.load,
-        save=ns.save,
-        export_dir=ns.export_dir,
-        export_quant_cfg=ns.export_quant_cfg,
-        export_kd_teacher_load=ns.export_kd_teacher_load,
-        strictness=ns.dist_ckpt_strictness,
-        verify_hashes=not ns.skip_checkpoint_hash_check,
-        keep_last=ns.keep_last_checkpoints,
-    )
+def build_parser(groups: Sequence[str], prog: str, description: str | None = None,
+                 defaults: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
+    epilog = "environment read by the launch scripts:\n" + "\n".join(
+        f"  {k:<44} {v}" for k, v in LAUNCHER_ENV.items())
+    p = OneLineParser(prog=prog, description=description, epilog=epilog,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
+    for name in groups:
+        if name not in GROUPS:
+            raise KeyError(f"unknown flag group {name!r}")
+        _add_group(p, name, GROUPS[name], defaults or {}, env)
+    return p
 
 
-def common_configs(ns: argparse.Namespace) -> tuple[ParallelConfig, ModelConfig, SourceConfig]:
-    """The three configs every task needs, from the common flags."""
-    return parallel_config(ns), model_config(ns), source_config(ns)
+def parse(argv: Sequence[str] | None, groups: Sequence[str], *, prog: str, description: str | None = None,
+          defaults: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> SimpleNamespace:
+    """Parse ``argv`` with the flags of ``groups`` into one config per group (validated), plus
+    ``preflight`` (set by the launcher: check the input, start nothing)."""
+    ns = build_parser(groups, prog, description, defaults, env).parse_args(argv)
+    raw = vars(ns)
+    out = SimpleNamespace(preflight=raw.pop("preflight"))
+    for name in groups:
+        values = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(name + ".")}
+        setattr(out, name, GROUPS[name].cls(**values))
+    return out
 
 
-def generate_config(ns: argparse.Namespace, stop_token_ids: list[int] | None = None) -> GenerateConfig:
-    return GenerateConfig(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                          top_p=ns.top_p, top_k=ns.top_k, seed=ns.seed,
-                          stop_token_ids=list(stop_token_ids or []))
+def flag_of(group: str, field: str) -> str:
+    """The flag that sets ``group.field`` (for messages that tell a user what to pass)."""
+    return next(f.flag for f in GROUPS[group].flags if f.field == field)

@@ -1,7 +1,10 @@
-"""Data loading through ``datasets``: prompts now, calibration and training sets later."""
+"""Data: prompt files, the built-in offline text, token windows, and the one loader of
+``datasets`` sources (hub names when online, local files and dataset directories always)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Union
 
@@ -152,3 +155,47 @@ def token_chunks(text: str, tokenizer, seq_length: int, max_chunks: int | None =
     if max_chunks is not None:
         n = min(n, max_chunks)
     return [ids[i * seq_length:(i + 1) * seq_length] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- datasets
+
+# Local files: suffix -> datasets builder (any other suffix is read as text).
+DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
+                    ".text": "text", ".csv": "csv"}
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs each retry of an unreachable hub as a warning; the failure itself
+    becomes our one-line error, so the retries are not shown."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def load_dataset(spec: str, split: str, what: str):
+    """A ``datasets.Dataset`` from a local file (builder by suffix; registered under ``split``,
+    so any split name works), a local dataset directory, or a hub name. ``what`` names the
+    source in errors ("calibration dataset", "--eval-dataset")."""
+    import datasets
+
+    p = Path(spec)
+    try:
+        with _quiet_hub():
+            if p.is_file():
+                if p.stat().st_size == 0:
+                    raise UsageError(f"{what} {p} is empty")
+                builder = DATASET_BUILDERS.get(p.suffix.lower(), "text")
+                return datasets.load_dataset(builder, data_files={split: str(p)}, split=split)
+            if p.suffix.lower() in DATASET_BUILDERS:
+                raise UsageError(f"{what} not found: {p}")
+            return datasets.load_dataset(str(p) if p.is_dir() else spec, split=split)
+    except UsageError:
+        raise
+    except Exception as e:  # offline hub, bad split, unreadable file: many types, long messages
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"cannot load {what} {spec!r} split {split!r}: {msg[:300]}") from None

@@ -27,66 +27,25 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from post_training.checkpointing import SourceConfig
-from post_training import export_io
-from post_training.export_io import commit, finalize, new_staging_dir
+from post_training.config import ExportConfig
+from post_training.io.export_files import commit, finalize, new_staging_dir
 from post_training.runtime import Runtime
+from post_training.runtime.collectives import broadcast_object, rank0_then_share
 from post_training.utils import UsageError, print_rank_0, rank, unwrap
 
 # Weight formats GPTModelExporter.save_pretrained names in hf_quant_config.json (ModelOpt 0.47).
 SUPPORTED_FORMATS = ("fp8", "fp8_pb_real", "fp8_pb_wo", "nvfp4", "w4a16_nvfp4")
 SUPPORTED_KV_FORMATS = ("FP8", "NVFP4")  # the KV-cache dtypes it records (kv_cache_quant_algo)
 TP_FORMATS = ("fp8",)  # per-tensor scales only: block scales would need gathering too
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_SHARD_SIZE = "5GB"
 # TP-sharded parameters of the dense GPT layers this module gathers (others are refused at TP>1).
 _GATHERABLE = re.compile(r"(embedding\.word_embeddings|linear_qkv|linear_proj|linear_fc1|"
                          r"linear_fc2|output_layer)\.(weight|bias)$")
-def parse_size(text: str | int) -> int:
-    return export_io.parse_size(text, "--export-max-shard-size")
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    """Export destination and layout. Flags: --export-dir (EXPORT_DIR), --export-max-shard-size,
-    --export-dtype (dtype of the unquantized tensors; auto = the model's), --overwrite."""
-
-    export_dir: str
-    max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
-    dtype: str = "auto"
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.export_dir:
-            raise UsageError("export needs --export-dir (EXPORT_DIR): where to write the HF checkpoint")
-        if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
-            raise UsageError(f"--export-dtype must be auto or one of {sorted(EXPORT_DTYPES)}")
-        if self.max_shard_size < 1:
-            raise UsageError("--export-max-shard-size must be positive")
-
-    def validate(self, src: SourceConfig) -> None:
-        """Cheap checks before any rank starts: refuse to clobber data or the model's source."""
-        out = Path(self.export_dir)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"export dir {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-            raise UsageError(f"export dir {out} is not empty (pass --overwrite to replace it)")
-        for source in (src.pretrained_model_path, src.load):
-            if source and Path(source).exists() and out.resolve() in (Path(source).resolve(),
-                                                                      *Path(source).resolve().parents):
-                raise UsageError(f"export dir {out} would replace the model's source {source}")
-
-    def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return model_dtype if self.dtype == "auto" else EXPORT_DTYPES[self.dtype]
-
-
 def complete_exporter_imports() -> None:
     """Version shim: ModelOpt 0.47 imports ``megatron.core.models.hybrid.hybrid_model.HybridModel``
     (megatron-core >= 0.17; 0.16 calls it ``mamba.mamba_model.MambaModel``) inside one
@@ -233,23 +192,6 @@ def tp_gathered(model, rt: Runtime) -> Iterator[None]:
                 buf.copy_(old)
 
 
-def _rank0_then_share(fn: Callable[[], None]) -> None:
-    """Run ``fn`` on rank 0 and raise its failure on every rank (no rank is left waiting)."""
-    err: BaseException | None = None
-    if rank() == 0:
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
-            err = e
-    box = [None if err is None else (isinstance(err, UsageError), str(err))]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if err is not None:
-        raise err
-    if box[0] is not None:
-        raise (UsageError if box[0][0] else RuntimeError)(box[0][1])
-
-
 # ----------------------------------------------------------------------------- entry
 
 
@@ -268,10 +210,7 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
     dtype = cfg.torch_dtype(model_dtype)
     out = Path(cfg.export_dir).absolute()
     t0 = time.perf_counter()
-    box = [str(new_staging_dir(out)) if rank() == 0 else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    staging = Path(box[0])
+    staging = Path(broadcast_object(str(new_staging_dir(out)) if rank() == 0 else None))
     # One writer per file: TP rank 0 of data-parallel replica 0 (the exporter has every rank
     # write its layers); the others export into a private directory that is thrown away.
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
@@ -285,7 +224,7 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
             info["shards"], info["bytes"] = finalize(staging, dtype, cfg.max_shard_size)
             commit(staging, out, cfg.overwrite)
 
-        _rank0_then_share(_finish)
+        rank0_then_share(_finish)
     finally:
         if not writer:
             shutil.rmtree(target, ignore_errors=True)

@@ -6,44 +6,22 @@ token to its pipeline group, so every rank returns the same tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from post_training.config import GenerateConfig
 from post_training.runtime import cpu_compat
+from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
-
-
-@dataclass(kw_only=True)
-class GenerateConfig:
-    """Sampling settings. Flags: --max-new-tokens, --temperature, --top-p, --top-k."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 1234
-    stop_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0 (got {self.top_k})")
 
 
 def _stage_io(model) -> tuple[bool, bool]:
     return model.pre_process, model.post_process
 
 
-def forward_step(model, tokens: torch.Tensor, ctx: StaticInferenceContext | None) -> torch.Tensor | None:
+def stage_forward(model, tokens: torch.Tensor, ctx: StaticInferenceContext | None) -> torch.Tensor | None:
     """One forward of this rank's stage on ``tokens`` [b, s]. Returns full-vocab logits
     [b, s', V] on the last stage (s' = 1 when the cache materializes only the last token),
     None on other stages. Positions continue from the cache offset."""
@@ -81,17 +59,12 @@ def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | Non
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    return t
-
-
 @torch.inference_mode()
-def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: int | None = None) -> list[int]:
+def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: int | None = None,
+             seed: int = 1234) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``prompt_ids``; stops at a stop id
-    (included in the result). The model must be in eval mode."""
+    (included in the result). Sampling draws from a generator seeded with ``seed`` (the run's,
+    ParallelConfig.seed). The model must be in eval mode."""
     device = next(model.parameters()).device
     total = len(prompt_ids) + cfg.max_new_tokens
     if max_seq_length is not None and total > max_seq_length:
@@ -100,7 +73,7 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
             f"--seq-length {max_seq_length}"
         )
     ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=total)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    gen = torch.Generator(device=device).manual_seed(seed) if cfg.temperature > 0 else None
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out: list[int] = []
     stops = set(cfg.stop_token_ids)
@@ -108,15 +81,23 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
     # with the CPU device itself, so the whole loop runs without the device-rewriting mode.
     with cpu_compat.device_mode_suspended():
         for _ in range(cfg.max_new_tokens):
-            logits = forward_step(model, tokens, ctx)
+            logits = stage_forward(model, tokens, ctx)
             ctx.increment_sequence_len_offset(tokens.size(1))
             nxt = torch.empty(1, dtype=torch.long, device=device)
             if logits is not None:
                 nxt = sample(logits[:, -1, :], cfg, gen)
-            nxt = _broadcast_from_last_stage(nxt)
+            nxt = broadcast_from_last_stage(nxt)
             tok = int(nxt.item())
             out.append(tok)
             if tok in stops:
                 break
             tokens = nxt.view(1, 1)
     return out
+
+
+def stop_token_ids(tokenizer, hf_config) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and the model config's."""
+    ids = set()
+    for src in (tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)):
+        ids.update(src if isinstance(src, list) else [src] if src is not None else [])
+    return sorted(ids)

@@ -1,4 +1,5 @@
-"""Where model weights come from: model confs, HF directories and the embedded GGUF model.
+"""Where a model comes from: model confs, HF directories, the embedded GGUF model, and which
+of them a :class:`~post_training.config.SourceConfig` means (checked before any rank starts).
 
 A model conf (``examples/conf/<org>/<model>.yaml``) names a Hugging Face model; its weights
 come from ``HF_MODEL_CKPT`` / ``--pretrained-model-path`` (a local HF directory), the local
@@ -15,9 +16,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from types import SimpleNamespace
+from typing import Any
+
+from post_training.config import ParallelConfig, SourceConfig
+from post_training.io import layout as cio
 from post_training.utils import UsageError
 
-EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -123,8 +128,9 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def resolve_hf_dir(conf: ModelConf, hf_model_ckpt: str | None) -> Path:
-    """The HF directory to load for this conf. Only rank 0 may materialize (see callers)."""
+def conf_hf_dir(conf: ModelConf, hf_model_ckpt: str | None) -> Path:
+    """The HF directory of a conf (or the given one). Only rank 0 may materialize: see
+    :func:`source_hf_dir`."""
     if hf_model_ckpt:
         return check_hf_dir(hf_model_ckpt)
     if conf.embedded_gguf:
@@ -147,3 +153,73 @@ def check_expected(conf: ModelConf, hf_config) -> None:
             raise UsageError(
                 f"HF config does not match conf {conf.name}: {key} = {got!r}, conf expects {want!r}"
             )
+
+
+def hf_get(hf: Any, name: str, default: Any = None) -> Any:
+    val = getattr(hf, name, None)
+    return default if val is None else val
+
+
+def check_parallel(hf: Any, tp: int, pp: int) -> None:
+    """TP must divide the query and KV heads, PP the layers."""
+    heads, groups = hf.num_attention_heads, hf_get(hf, "num_key_value_heads", hf.num_attention_heads)
+    if heads % tp or groups % tp:
+        raise UsageError(f"TP={tp} must divide the attention heads ({heads}) and KV heads ({groups})")
+    if hf.num_hidden_layers % pp:
+        raise UsageError(f"PP={pp} must divide the number of layers ({hf.num_hidden_layers})")
+
+
+def load_kind(load: str) -> str:
+    """'hf' for an HF directory (HF import), 'dist' for a dist checkpoint (root or iter dir)."""
+    p = Path(load)
+    if not p.exists():
+        raise UsageError(f"--load path not found: {p}")
+    if (p / "config.json").is_file() and not cio.is_checkpoint_root(p):
+        return "hf"
+    cio.find_checkpoint(p)
+    return "dist"
+
+
+def check_source(src: SourceConfig, par: ParallelConfig) -> ModelConf:
+    """Cheap checks that need no process group (run before torchrun starts ranks)."""
+    conf = load_conf(src.model_conf)
+    shape = dict(conf.expect)
+    if src.pretrained_model_path:
+        shape = json.loads((check_hf_dir(src.pretrained_model_path) / "config.json").read_text())
+    if src.load:
+        if load_kind(src.load) == "dist":
+            cfg = cio.find_checkpoint(src.load).parent / cio.HF_CONFIG_DIR / "config.json"
+            if cfg.is_file():
+                shape = json.loads(cfg.read_text())
+        else:
+            shape = json.loads((Path(src.load) / "config.json").read_text())
+    if {"num_attention_heads", "num_hidden_layers"} <= shape.keys():
+        check_parallel(SimpleNamespace(**shape), par.tp, par.pp)
+    return conf
+
+
+def source_hf_dir(src: SourceConfig) -> Path:
+    """The HF directory of a source (config + tokenizer, and the weights unless a dist checkpoint
+    is loaded). Rank 0 materializes the embedded model; the others wait for it."""
+    import torch.distributed as dist
+
+    kind = load_kind(src.load) if src.load else None
+    if kind == "dist":
+        saved = cio.find_checkpoint(src.load).parent / cio.HF_CONFIG_DIR
+        if saved.is_dir():
+            return saved
+    conf = load_conf(src.model_conf)
+    path = src.load if kind == "hf" else src.pretrained_model_path
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return conf_hf_dir(conf, path)
+    out = conf_hf_dir(conf, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def load_tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir)

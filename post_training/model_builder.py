@@ -7,7 +7,6 @@ TE installed) ModelOpt's TE-backed spec is used instead. ModelOpt transformation
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,38 +16,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from post_training import hf as hf_mod
 from post_training.attention import SDPAttention
+from post_training.config import EMBEDDED_MODEL, ModelConfig, SourceConfig
 from post_training.runtime import Runtime
 from post_training.utils import UsageError, print_rank_0
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """How to build the model. Flags: --bf16/--fp16, --seq-length, --transformer-impl,
-    --hidden-dropout, --attention-dropout (0 by default: post-training fine-tunes)."""
-
-    dtype: str = "fp32"
-    seq_length: int = 4096
-    transformer_impl: str = "auto"  # auto | local | transformer_engine
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UsageError(f"dtype must be one of {sorted(DTYPES)} (got {self.dtype!r})")
-        if self.transformer_impl not in ("auto", "local", "transformer_engine"):
-            raise UsageError(f"--transformer-impl must be local or transformer_engine")
-        if self.seq_length < 1:
-            raise UsageError(f"--seq-length must be >= 1 (got {self.seq_length})")
-        if not (0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1):
-            raise UsageError("--hidden-dropout and --attention-dropout must be in [0, 1)")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
 
 def have_te() -> bool:
@@ -60,9 +34,7 @@ def have_te() -> bool:
         return False
 
 
-def _hf_get(hf: Any, name: str, default: Any = None) -> Any:
-    val = getattr(hf, name, None)
-    return default if val is None else val
+_hf_get = hf_mod.hf_get
 
 
 def rope_settings(hf: Any) -> dict:
@@ -77,23 +49,13 @@ def rope_settings(hf: Any) -> dict:
     return out
 
 
-def check_parallel(hf: Any, tp: int, pp: int) -> None:
-    heads, groups = hf.num_attention_heads, _hf_get(hf, "num_key_value_heads", hf.num_attention_heads)
-    if heads % tp or groups % tp:
-        raise UsageError(
-            f"TP={tp} must divide the attention heads ({heads}) and KV heads ({groups})"
-        )
-    if hf.num_hidden_layers % pp:
-        raise UsageError(f"PP={pp} must divide the number of layers ({hf.num_hidden_layers})")
-
-
 def transformer_config_from_hf(hf: Any, rt: Runtime, mcfg: ModelConfig) -> TransformerConfig:
     arch = (_hf_get(hf, "architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHS:
         raise UsageError(f"architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
     if _hf_get(hf, "hidden_act", "silu") != "silu":
         raise UsageError(f"activation {hf.hidden_act!r} is not supported (expected silu)")
-    check_parallel(hf, rt.tp, rt.pp)
+    hf_mod.check_parallel(hf, rt.tp, rt.pp)
     dtype = mcfg.torch_dtype
     heads = hf.num_attention_heads
     head_dim = _hf_get(hf, "head_dim", hf.hidden_size // heads)
@@ -181,3 +143,32 @@ def import_hf_weights(model: GPTModel, hf_dir: str, dtype: torch.dtype) -> None:
     from modelopt.torch.export import import_mcore_gpt_from_hf
 
     import_mcore_gpt_from_hf(model, str(hf_dir), dtype=dtype)
+
+
+def setup_model(src: SourceConfig, mcfg: ModelConfig, rt: Runtime,
+                inference: bool = True) -> tuple[GPTModel, Any, Any]:
+    """Build this rank's model stage and fill it from ``--load`` (dist checkpoint or HF dir) or
+    the HF model. Returns (model, tokenizer, hf_config); ``hf_config.name_or_path`` is the HF
+    directory the config and tokenizer came from (what export and saves copy).
+
+    ``inference`` freezes the weights: megatron's linear layers then take their frozen-weight
+    path, which skips gradient bookkeeping (about 6% of a CPU decode step on SmolLM2)."""
+    from transformers import AutoConfig
+
+    from post_training.checkpointing.load import load_model_checkpoint
+
+    hf_dir = hf_mod.source_hf_dir(src)
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    # The default conf with another HF dir means "use that model"; a named conf must match it.
+    explicit = src.pretrained_model_path or src.load
+    if not (explicit and src.model_conf == EMBEDDED_MODEL):
+        hf_mod.check_expected(hf_mod.load_conf(src.model_conf), hf_config)
+    model = build_model(hf_config, rt, mcfg)
+    if src.load and hf_mod.load_kind(src.load) == "dist":
+        load_model_checkpoint(src.load, model, rt, strictness=src.strictness, verify_hashes=src.verify_hashes)
+    else:
+        import_hf_weights(model, hf_dir, mcfg.torch_dtype)
+    model.eval()
+    if inference:
+        model.requires_grad_(False)
+    return model, hf_mod.load_tokenizer(hf_dir), hf_config

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from post_training.data import read_user_text
-from post_training.evaluate import agree, dp_shard
-from post_training.generate import forward_step
+from post_training.evaluate import dp_shard
+from post_training.runtime.collectives import last_stage_dp_sum
+from post_training.generate import stage_forward
 from post_training.utils import UsageError
 
 LETTERS = ("A", "B", "C", "D")
@@ -184,11 +185,11 @@ def score(model, questions: list[Question], tokenizer, micro_batch_size: int = 1
                 spans.append((len(ctx), c))
         width = max(len(s) for s in seqs)
         tokens = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-        logits = forward_step(model, tokens, None)
+        logits = stage_forward(model, tokens, None)
         if logits is None:  # not the last stage
             continue
         for row, (n_ctx, cont) in enumerate(spans):
             logp = torch.log_softmax(logits[row, n_ctx - 1:n_ctx - 1 + len(cont)].float(), dim=-1)
             target = torch.tensor(cont, device=device).unsqueeze(1)
             loglik[idx[row // 4], row % 4] = logp.gather(1, target).double().sum()
-    return ChoiceResult(loglik=agree(loglik), answers=[q.answer for q in questions])
+    return ChoiceResult(loglik=last_stage_dp_sum(loglik), answers=[q.answer for q in questions])

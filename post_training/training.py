@@ -10,19 +10,17 @@ token-level mean of :mod:`post_training.loss_func`.
 Usage::
 
     model, _, _ = setup_model(src, mcfg, rt, inference=False)
-    model, optimizer, scheduler = build_optimizer(model, cfg)
-    for it in range(cfg.train_iters):
-        mbs = microbatches(global_tokens, cfg, rt)           # this DP rank's microbatches
-        result = train_step(model, optimizer, scheduler, mbs, cfg)
+    model, optimizer, scheduler = build_optimizer(model, train, batch, seed)
+    for it in range(train.train_iters):
+        mbs = microbatches(global_tokens, batch, rt)         # this DP rank's microbatches
+        result = train_step(model, optimizer, scheduler, mbs, batch)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, NamedTuple
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -34,73 +32,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from post_training.config import BatchConfig, TrainConfig
 from post_training.loss_func import loss_func, reduce_report
 from post_training.runtime import Runtime
+from post_training.runtime.collectives import broadcast_from_last_stage, comm_device
 from post_training.runtime.dist import seed_everything
 from post_training.utils import UsageError
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 Microbatch = dict[str, torch.Tensor]
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Optimizer, schedule and batch settings. Megatron flags of the same names:
-    --lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, --lr-decay-style, --weight-decay,
-    --clip-grad, --adam-beta1/2, --adam-eps, --micro-batch-size, --global-batch-size,
-    --seq-length, --train-iters, --seed."""
-
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # None: train_iters
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.01  # not applied to biases and 1-D params (norms), as in Megatron
-    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping (and the norm report)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    micro_batch_size: int = 1
-    global_batch_size: int = 1
-    seq_length: int = 4096
-    train_iters: int = 1
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        if self.lr_decay_iters is None:
-            self.lr_decay_iters = self.train_iters
-        checks = [
-            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
-            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr] (got {self.min_lr})"),
-            (self.lr_decay_style in LR_DECAY_STYLES,
-             f"--lr-decay-style must be one of {', '.join(LR_DECAY_STYLES)} (got {self.lr_decay_style!r})"),
-            (self.train_iters >= 1, f"--train-iters must be >= 1 (got {self.train_iters})"),
-            (self.lr_decay_iters >= 1, f"--lr-decay-iters must be >= 1 (got {self.lr_decay_iters})"),
-            (0 <= self.lr_warmup_iters < self.lr_decay_iters,
-             f"--lr-warmup-iters must be in [0, lr-decay-iters) (got {self.lr_warmup_iters})"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
-            (self.clip_grad >= 0, f"--clip-grad must be >= 0 (got {self.clip_grad})"),
-            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
-             f"--adam-beta1/2 must be in [0, 1) (got {self.adam_beta1}, {self.adam_beta2})"),
-            (self.adam_eps > 0, f"--adam-eps must be > 0 (got {self.adam_eps})"),
-            (self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1 (got {self.micro_batch_size})"),
-            (self.global_batch_size % max(self.micro_batch_size, 1) == 0 and self.global_batch_size >= 1,
-             f"--global-batch-size ({self.global_batch_size}) must be a positive multiple of "
-             f"--micro-batch-size ({self.micro_batch_size})"),
-            (self.seq_length >= 1, f"--seq-length must be >= 1 (got {self.seq_length})"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
-
-    def num_microbatches(self, dp: int) -> int:
-        """Microbatches per DP rank per step (Megatron: gbs / (mbs * dp))."""
-        if self.global_batch_size % (self.micro_batch_size * dp):
-            raise UsageError(
-                f"--global-batch-size ({self.global_batch_size}) must be divisible by "
-                f"--micro-batch-size * DP ({self.micro_batch_size} * {dp})"
-            )
-        return self.global_batch_size // (self.micro_batch_size * dp)
 
 
 class StepResult(NamedTuple):
@@ -112,7 +51,7 @@ class StepResult(NamedTuple):
     skipped: bool = False  # fp16 loss-scale overflow: no update, the schedule did not advance
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, batch: BatchConfig, seed: int
                     ) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """Put ``model`` (this rank's stage, from ``setup_model(..., inference=False)``) in train
     mode, wrap it in megatron-core DDP and build its optimizer and LR schedule.
@@ -123,7 +62,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig
     stages, division by the token count) and the optimizer's loss scale."""
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError("the model has no trainable parameters (load it with inference=False)")
-    seed_everything(cfg.seed)  # dropout and other RNG use in training starts from cfg.seed
+    seed_everything(seed)  # dropout and other RNG use in training starts from the run's seed
     model.train()
     config = get_model_config(model)
     config.calculate_per_token_loss = True  # read by DDP's constructor: set it first
@@ -146,7 +85,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig
         use_distributed_optimizer=False,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp_model])
-    gbs = cfg.global_batch_size  # Megatron's iteration-based schedule counts samples
+    gbs = batch.global_size(ps.get_data_parallel_world_size())  # Megatron's iteration-based schedule counts samples
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -165,23 +104,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig
     return ddp_model, optimizer, scheduler
 
 
-def microbatches(tokens: torch.Tensor, cfg: TrainConfig, rt: Runtime,
+def microbatches(tokens: torch.Tensor, cfg: BatchConfig, rt: Runtime,
                  loss_mask: torch.Tensor | None = None) -> list[Microbatch]:
     """Split a global batch of token ids ``[global_batch_size, seq_length + 1]`` into this DP
     rank's microbatches: inputs are ``tokens[:, :-1]``, labels ``tokens[:, 1:]``;
     ``loss_mask`` (same shape as ``tokens``, 1 = predict this token) masks the labels.
     Every rank of a model-parallel group gets the same microbatches."""
     gbs, s1 = tokens.shape
-    if gbs != cfg.global_batch_size or s1 != cfg.seq_length + 1:
-        raise UsageError(f"batch {tuple(tokens.shape)} != (global_batch_size, seq_length + 1) = "
-                         f"({cfg.global_batch_size}, {cfg.seq_length + 1})")
+    if gbs != cfg.global_size(rt.dp) or s1 < 2:
+        raise UsageError(f"batch {tuple(tokens.shape)} is not (global_batch_size = "
+                         f"{cfg.global_size(rt.dp)}, seq_length + 1)")
+    seq_length = s1 - 1
     n = cfg.num_microbatches(rt.dp)
     dp_rank = ps.get_data_parallel_rank()
     per_rank = gbs // rt.dp
     mask = torch.ones_like(tokens) if loss_mask is None else loss_mask
     tokens = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank].to(rt.device)
     mask = mask[dp_rank * per_rank:(dp_rank + 1) * per_rank].to(rt.device)
-    positions = torch.arange(cfg.seq_length, device=rt.device).unsqueeze(0)
+    positions = torch.arange(seq_length, device=rt.device).unsqueeze(0)
     out = []
     for i in range(n):
         sl = slice(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size)
@@ -209,7 +149,7 @@ def forward_step(data_iterator: Iterator[Microbatch], model: torch.nn.Module
 
 def train_step(model: DistributedDataParallel, optimizer: MegatronOptimizer,
                scheduler: OptimizerParamScheduler, batches: list[Microbatch],
-               cfg: TrainConfig) -> StepResult:
+               cfg: BatchConfig) -> StepResult:
     """One optimizer step on this DP rank's microbatches (from :func:`microbatches`)."""
     n = cfg.num_microbatches(ps.get_data_parallel_world_size())
     if len(batches) != n:
@@ -221,14 +161,14 @@ def train_step(model: DistributedDataParallel, optimizer: MegatronOptimizer,
         data_iterator=iter(batches),
         model=[model],
         num_microbatches=n,
-        seq_length=cfg.seq_length,
+        seq_length=batches[0]["tokens"].size(1),
         micro_batch_size=cfg.micro_batch_size,
         forward_only=False,
     )
-    lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else cfg.lr
+    lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:  # as Megatron-LM: a skipped (overflowed) step does not count
-        scheduler.step(increment=cfg.global_batch_size)
+        scheduler.step(increment=cfg.global_size(ps.get_data_parallel_world_size()))
     loss = _loss_on_every_rank(reports)
     return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
                       skipped=not update_successful)
@@ -237,12 +177,7 @@ def train_step(model: DistributedDataParallel, optimizer: MegatronOptimizer,
 def _loss_on_every_rank(reports: list) -> float:
     """The last stage holds the reports; reduce them over DP and give the mean to all
     pipeline stages (TP ranks of the last stage already agree)."""
-    # nccl collectives need device tensors, gloo CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    value = torch.zeros(1, dtype=torch.float64, device=device)
+    value = torch.zeros(1, dtype=torch.float64, device=comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         value[0] = reduce_report(reports, ps.get_data_parallel_group())["lm loss"]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(value, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    return float(value[0])
+    return float(broadcast_from_last_stage(value)[0])

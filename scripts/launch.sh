@@ -6,7 +6,8 @@
 # First positional argument: model conf (default: the embedded SmolLM2-135M-Instruct).
 # Environment (Megatron-LM's examples): TP PP DP HF_MODEL_CKPT MLM_MODEL_CKPT MLM_MODEL_SAVE
 # MLM_EXTRA_ARGS EXPORT_DIR; multi-node: NNODES NODE_RANK MASTER_ADDR MASTER_PORT.
-# Under torchrun already (RANK and LOCAL_RANK set) the Python entry runs directly.
+# Under torchrun already (RANK and LOCAL_RANK set) the Python entry runs directly. The entry
+# reads the variables that stand for flags itself (see post_training/arguments.py).
 
 PT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PT_DEFAULT_CONF="HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -27,11 +28,9 @@ pt_launch() {
       return 2
     fi
   done
-  local args=(--model-conf "$conf" --tensor-model-parallel-size "$tp" --pipeline-model-parallel-size "$pp")
-  [ -n "${HF_MODEL_CKPT:-}" ] && args+=(--pretrained-model-path "$HF_MODEL_CKPT")
-  [ -n "${MLM_MODEL_CKPT:-}" ] && args+=(--load "$MLM_MODEL_CKPT")
-  [ -n "${MLM_MODEL_SAVE:-}" ] && args+=(--save "$MLM_MODEL_SAVE")
-  [ -n "${EXPORT_DIR:-}" ] && args+=(--export-dir "$EXPORT_DIR")
+  # TP, PP, HF_MODEL_CKPT, MLM_MODEL_CKPT, MLM_MODEL_SAVE and EXPORT_DIR are read by the entry
+  # itself (post_training/arguments.py: a set variable is its flag's default; a flag wins).
+  local args=(--model-conf "$conf")
   local extra=()
   read -r -a extra <<< "${MLM_EXTRA_ARGS:-}"
   args+=("${extra[@]}" "$@")

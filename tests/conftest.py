@@ -38,8 +38,9 @@ def pytest_collection_modifyitems(config, items):
 def smollm2_dir() -> Path:
     """The embedded default model, materialized from its GGUF into the toolkit cache."""
     from post_training import hf
+    from post_training.config import EMBEDDED_MODEL
 
-    return hf.resolve_hf_dir(hf.load_conf(hf.EMBEDDED_MODEL), None)
+    return hf.conf_hf_dir(hf.load_conf(EMBEDDED_MODEL), None)
 
 
 def make_tiny(out: Path, kind: str, tokenizer_dir: Path, layers: int = 4, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_utils import PY, ROOT, clean_env, torchrun
-from post_training import checkpoint_io as cio
+from post_training.io import layout as cio
 
 pytestmark = pytest.mark.slow
 

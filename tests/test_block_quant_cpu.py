@@ -257,8 +257,9 @@ def test_installed_as_the_cpu_kernel_of_modelopts_op(runtime, monkeypatch) -> No
 
 
 def _build(tiny_llama: Path, runtime) -> Any:
-    from post_training.checkpointing import SourceConfig, setup_model
-    from post_training.model_builder import ModelConfig
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.config import ModelConfig
 
     source = SourceConfig(pretrained_model_path=str(tiny_llama))
     return setup_model(source, ModelConfig(), runtime)[0]
@@ -273,14 +274,14 @@ def test_mtq_quantize_tiny_llama_on_cpu(tiny_llama, runtime, name: str, lo: floa
     amount. Measured on this random 4-layer model (flat logits, std 0.64): NVFP4 relative error
     0.378, argmax agreement 0.31; MXFP8 0.099 / 0.79. For scale, on the same model and tokens:
     FP8 per-tensor W+A 0.106, INT4 block-128 weight-only 0.327, NVFP4 weight-only 0.327."""
-    from post_training.generate import forward_step
+    from post_training.generate import stage_forward
 
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
     model = _build(tiny_llama, runtime)
     with torch.no_grad():
-        ref = forward_step(model, ids, None)
-        model = mtq.quantize(model, getattr(mtq, name), lambda m: forward_step(m, ids, None))
-        out = forward_step(model, ids, None)
+        ref = stage_forward(model, ids, None)
+        model = mtq.quantize(model, getattr(mtq, name), lambda m: stage_forward(m, ids, None))
+        out = stage_forward(model, ids, None)
     err = ((out - ref).norm() / ref.norm()).item()
     same = out.argmax(-1).eq(ref.argmax(-1)).float().mean().item()
     print(f"{name}: relative logits error {err:.4f}, argmax agreement {same:.3f}")

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from post_training import checkpoint_io as cio
-from post_training.checkpointing import SourceConfig, save_checkpoint, setup_model
-from post_training.generate import forward_step
-from post_training.model_builder import ModelConfig
+from post_training.io import layout as cio
+from post_training.checkpointing import save_checkpoint
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.generate import stage_forward
+from post_training.config import ModelConfig
 from post_training.utils import UsageError
 
 IDS = torch.arange(5, 30).unsqueeze(0)
@@ -18,7 +20,7 @@ IDS = torch.arange(5, 30).unsqueeze(0)
 
 def logits(model):
     with torch.inference_mode():
-        return forward_step(model, IDS, None)
+        return stage_forward(model, IDS, None)
 
 
 def load(runtime, path, **kw):
@@ -103,7 +105,7 @@ def test_other_architecture_names_tensor_and_shapes(saved, runtime, tmp_path, sm
     (other / "config.json").write_text(json.dumps(cfg))
     from transformers import AutoConfig
 
-    from post_training.checkpoint_load import load_model_checkpoint
+    from post_training.checkpointing.load import load_model_checkpoint
     from post_training.model_builder import build_model
 
     wide = build_model(AutoConfig.from_pretrained(other), runtime, ModelConfig())
@@ -115,7 +117,7 @@ def test_other_architecture_names_tensor_and_shapes(saved, runtime, tmp_path, sm
 def test_missing_keys_strict_and_partial(saved, runtime, tiny_dirs, capsys):
     from transformers import AutoConfig
 
-    from post_training.checkpoint_load import load_model_checkpoint
+    from post_training.checkpointing.load import load_model_checkpoint
     from post_training.model_builder import build_model
 
     qwen2 = build_model(AutoConfig.from_pretrained(tiny_dirs["qwen2"]), runtime, ModelConfig())  # has qkv bias
@@ -131,7 +133,7 @@ def test_missing_keys_strict_and_partial(saved, runtime, tiny_dirs, capsys):
 def test_newer_modelopt_state_is_refused(saved, runtime, tmp_path, monkeypatch):
     import modelopt
 
-    from post_training.checkpoint_load import check_modelopt_version
+    from post_training.checkpointing.load import check_modelopt_version
 
     it = tmp_path / "it"
     (it / "modelopt_state").mkdir(parents=True)
@@ -165,7 +167,7 @@ def test_quantized_checkpoint_keeps_kv_amax(tiny_llama, runtime, tmp_path):
     cfg = mtq.update_quant_cfg_with_kv_cache_quant(mtq.FP8_DEFAULT_CFG, mtq.FP8_KV_CFG["quant_cfg"])
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     calib = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
-    model = mtq.quantize(model, cfg, lambda m: forward_step(m, calib, None))
+    model = mtq.quantize(model, cfg, lambda m: stage_forward(m, calib, None))
     amax = [l.self_attention.core_attention.k_bmm_quantizer.amax.clone() for l in model.decoder.layers]
     assert all(a.item() > 0 for a in amax)
     save_checkpoint(model, runtime, tmp_path / "q", 1, hf_dir=tiny_llama)

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 
 from dist_utils import PY, ROOT, clean_env, torchrun
-from post_training.ckpt import cli, consolidate_mcore
-from post_training.ckpt.consolidate import consolidate_to_hf, parse_size
+from post_training.checkpointing.tools import cli, consolidate_mcore
+from post_training.checkpointing.tools.consolidate import consolidate_to_hf, parse_size
 from post_training.cli import run_entry
 from post_training.utils import UsageError
 
@@ -245,7 +245,7 @@ def test_deepspeed_zero_checkpoint(tiny_dirs, tmp_path, stage):
     assert (out / "tokenizer.json").is_file()
     # inspect reads the same real checkpoint without unpickling it: stage and DP size from
     # DeepSpeed's own files, weights vs optimizer state told apart
-    from post_training.ckpt.inspect_cmd import inspect_path
+    from post_training.checkpointing.tools.inspect_cmd import inspect_path
 
     rep = inspect_path(save)
     assert rep["kind"].startswith("deepspeed"), rep["kind"]

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import ROOT
-from post_training.ckpt.cli import main
+from post_training.checkpointing.tools.cli import main
 from post_training.utils import UsageError
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_utils import ROOT, clean_env
-from post_training.ckpt import cli, to_gguf
+from post_training.checkpointing.tools import cli, to_gguf
 from post_training.utils import UsageError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
@@ -179,7 +179,7 @@ def test_split_regex_pre_tokenizer_and_auto_bos(tiny_dirs, tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from post_training.ckpt.gguf_tokenizer import SPLIT_REGEX_NAMES
+    from post_training.checkpointing.tools.gguf_tokenizer import SPLIT_REGEX_NAMES
 
     try:  # our table must agree with transformers' reader, which maps the names back to regexes
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
@@ -235,8 +235,8 @@ def test_qwen_round_trip(kind, tiny_dirs, tmp_path):
 
 
 def test_dist_checkpoint_is_consolidated_first(tiny_dirs, tmp_path, monkeypatch):
-    from post_training.checkpoint_io import TRACKER
-    from post_training.ckpt import consolidate
+    from post_training.io.layout import TRACKER
+    from post_training.checkpointing.tools import consolidate
 
     ckpt = tmp_path / "run"
     ckpt.mkdir()

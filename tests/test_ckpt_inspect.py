@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dist_utils import ROOT, clean_env
-from post_training.ckpt import cli
-from post_training.ckpt.inspect_cmd import inspect_path, render
+from post_training.checkpointing.tools import cli
+from post_training.checkpointing.tools.inspect_cmd import inspect_path, render
 from post_training.utils import UsageError
 
 
@@ -209,8 +209,10 @@ def test_gguf(tmp_path):
 @pytest.fixture(scope="module")
 def dist_root(tiny_llama, runtime, tmp_path_factory) -> Path:
     """A real save by the toolkit (TP=1, in process: a TP=2 torchrun costs ~30 s here)."""
-    from post_training.checkpointing import SourceConfig, save_checkpoint, setup_model
-    from post_training.model_builder import ModelConfig
+    from post_training.checkpointing import save_checkpoint
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.config import ModelConfig
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     root = tmp_path_factory.mktemp("dist") / "run"

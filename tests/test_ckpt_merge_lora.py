@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from post_training.ckpt.cli import main
+from post_training.checkpointing.tools.cli import main
 from post_training.utils import UsageError
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dist_utils import torchrun
-from post_training.ckpt.cli import main
+from post_training.checkpointing.tools.cli import main
 from post_training.utils import UsageError
 
 IDS = torch.arange(3, 40).unsqueeze(0) * 7 % 4000  # as tests/workers/lora_train.py

@@ -13,10 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dist_utils import ROOT, clean_env, run_script
-from post_training.checkpointing import SourceConfig, save_checkpoint, setup_model
+from post_training.checkpointing import save_checkpoint
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
 from post_training.cli.evaluate import main
-from post_training.evaluate import EvalConfig, eval_windows, load_eval_text, perplexity
-from post_training.model_builder import ModelConfig
+from post_training.evaluate import eval_windows, load_eval_text, perplexity
+from post_training.config import EvalConfig
+from post_training.config import ModelConfig
 from post_training.multiple_choice import load_questions, prompt, score
 from post_training.utils import UsageError
 
@@ -30,8 +33,8 @@ LAST_LINE = re.compile(r"^perplexity (\S+)$")
 def tiny(tiny_llama, runtime):
     model, tok, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    cfg = EvalConfig(seq_length=SEQ, max_chunks=CHUNKS)
-    return model, tok, ref, eval_windows(load_eval_text(cfg), tok, cfg)
+    cfg = EvalConfig(max_chunks=CHUNKS)
+    return model, tok, ref, eval_windows(load_eval_text(cfg), tok, cfg, SEQ)
 
 
 def transformers_ppl(ref, windows) -> float:
@@ -117,8 +120,8 @@ def test_dataset_sources_agree(tmp_path, tiny):
     from_ds = load_eval_text(EvalConfig(dataset=str(tmp_path / "d.jsonl"), dataset_field="content",
                                         dataset_split="validation"))
     assert from_text == from_ds
-    cfg = EvalConfig(seq_length=4, text_path=str(tmp_path / "t.txt"), max_chunks=2)
-    assert eval_windows(from_text, tok, cfg) == eval_windows(from_text, tok, EvalConfig(seq_length=4))[:2]
+    cfg = EvalConfig(text_path=str(tmp_path / "t.txt"), max_chunks=2)
+    assert eval_windows(from_text, tok, cfg, 4) == eval_windows(from_text, tok, EvalConfig(), 4)[:2]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +233,7 @@ def test_error_is_one_line_before_torchrun(tiny_llama, tmp_path):
 def test_smollm2_perplexity(smollm2_dir, runtime):
     """SmolLM2-135M-Instruct on 4 x 256 tokens of the built-in eval text: measured 16.76."""
     model, tok, _ = setup_model(SourceConfig(), ModelConfig(), runtime)
-    cfg = EvalConfig(seq_length=256, max_chunks=4)
-    res = perplexity(model, eval_windows(load_eval_text(cfg), tok, cfg), micro_batch_size=4)
+    cfg = EvalConfig(max_chunks=4)
+    res = perplexity(model, eval_windows(load_eval_text(cfg), tok, cfg, 256), micro_batch_size=4)
     print(f"SmolLM2 perplexity {res.perplexity:.4f} (nll {res.nll:.4f}, {res.tokens} tokens)")
     assert math.isfinite(res.perplexity) and 1.0 < res.perplexity < 20.0

@@ -12,11 +12,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_utils import clean_env, run_script, torchrun
-from post_training.checkpointing import SourceConfig, resolve_hf_dir, setup_model
+from post_training.config import SourceConfig
+from post_training.hf import source_hf_dir
+from post_training.model_builder import setup_model
 from post_training.data import render_prompt
-from post_training.export import ExportConfig, export_model, export_problem, parse_size
-from post_training.generate import GenerateConfig, forward_step, generate
-from post_training.model_builder import ModelConfig
+from post_training.export import export_model, export_problem
+from post_training.io.formats import parse_size
+from post_training.config import ExportConfig
+from post_training.generate import stage_forward, generate
+from post_training.config import GenerateConfig
+from post_training.config import ModelConfig
 from post_training.utils import UsageError
 
 QUESTION = "What is the capital of France?"
@@ -74,7 +79,7 @@ def test_export_loads_in_transformers(exported, tiny, tiny_llama):
     ids = render_prompt(QUESTION, tok)
     with torch.inference_mode():
         diff = (hf(torch.tensor([ids])).logits - ref(torch.tensor([ids])).logits).abs().max().item()
-        ours = (forward_step(tiny, torch.tensor([ids]), None) - hf(torch.tensor([ids])).logits).abs().max().item()
+        ours = (stage_forward(tiny, torch.tensor([ids]), None) - hf(torch.tensor([ids])).logits).abs().max().item()
     print(f"export vs original HF: max |logits diff| = {diff:.2e}; vs toolkit = {ours:.2e}")
     assert diff <= 1e-5 and ours <= 1e-4
     assert hf_greedy(hf, ids, 16) == generate(tiny, ids, GenerateConfig(max_new_tokens=16))
@@ -136,7 +141,7 @@ def test_fp8_tp2_checkpoint_exports_as_modelopt_does(tiny_llama, runtime, tmp_pa
     model, _, _ = setup_model(src, ModelConfig(), runtime)
     complete_exporter_imports()
     raw.mkdir()
-    export_mcore_gpt_to_hf(model, str(resolve_hf_dir(src)), dtype=torch.float32, export_dir=str(raw))
+    export_mcore_gpt_to_hf(model, str(source_hf_dir(src)), dtype=torch.float32, export_dir=str(raw))
     assert_same_tensors(got, tensors(raw))
 
 
@@ -150,7 +155,7 @@ def test_unsupported_format_is_refused(tiny_llama, runtime, tmp_path, cfg_name, 
     cfg = getattr(mtq, cfg_name)
     if cfg_name == "FP8_KV_CFG":
         cfg = mtq.update_quant_cfg_with_kv_cache_quant({"quant_cfg": None}, cfg["quant_cfg"])
-    mtq.quantize(model, cfg, lambda m: forward_step(m, CALIB, None))
+    mtq.quantize(model, cfg, lambda m: stage_forward(m, CALIB, None))
     with pytest.raises(UsageError, match=needle):
         export_model(model, runtime, tiny_llama, ExportConfig(export_dir=str(tmp_path / "x")), torch.float32)
     assert not list(tmp_path.iterdir())
@@ -213,7 +218,7 @@ def test_smollm2_export_greedy_equals_toolkit(smollm2_dir, runtime, tmp_path):
     src = SourceConfig()
     model, tok, _ = setup_model(src, ModelConfig(), runtime)
     out = tmp_path / "smol-hf"
-    export_model(model, runtime, resolve_hf_dir(src), ExportConfig(export_dir=str(out)), torch.float32)
+    export_model(model, runtime, source_hf_dir(src), ExportConfig(export_dir=str(out)), torch.float32)
     ids = render_prompt(QUESTION, AutoTokenizer.from_pretrained(out))
     assert ids == render_prompt(QUESTION, tok)
     ours = generate(model, ids, GenerateConfig(max_new_tokens=24))

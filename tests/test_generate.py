@@ -3,9 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from post_training.checkpointing import SourceConfig, setup_model
-from post_training.generate import GenerateConfig, generate, sample
-from post_training.model_builder import ModelConfig
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.generate import generate, sample
+from post_training.config import GenerateConfig
+from post_training.config import ModelConfig
 from post_training.utils import UsageError
 
 
@@ -38,9 +40,9 @@ def test_stops_at_stop_token(tiny):
 def test_sampling_is_seeded_and_varies(tiny):
     model, _ = tiny
     cfg = dict(max_new_tokens=16, temperature=1.5, top_p=0.95)
-    a = generate(model, [5, 6, 7], GenerateConfig(seed=1, **cfg))
-    b = generate(model, [5, 6, 7], GenerateConfig(seed=1, **cfg))
-    c = generate(model, [5, 6, 7], GenerateConfig(seed=2, **cfg))
+    a = generate(model, [5, 6, 7], GenerateConfig(**cfg), seed=1)
+    b = generate(model, [5, 6, 7], GenerateConfig(**cfg), seed=1)
+    c = generate(model, [5, 6, 7], GenerateConfig(**cfg), seed=2)
     assert a == b and a != c
 
 

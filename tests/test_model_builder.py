@@ -4,9 +4,10 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from post_training.checkpointing import SourceConfig, setup_model
-from post_training.generate import forward_step
-from post_training.model_builder import ModelConfig
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.generate import stage_forward
+from post_training.config import ModelConfig
 
 
 def _load(hf_dir, runtime):
@@ -19,7 +20,7 @@ def test_logits_match_transformers(tiny_dirs, runtime, kind):
     model, _ = _load(tiny_dirs[kind], runtime)
     ids = torch.randint(0, 49152, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ours = forward_step(model, ids, None)
+        ours = stage_forward(model, ids, None)
         ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[kind], dtype=torch.float32)(ids).logits
     assert ours.shape == ref.shape
     assert ref.abs().max() > 0.1  # not a degenerate model
@@ -31,12 +32,12 @@ def test_kv_cache_chunks_match_uncached(tiny_llama, runtime):
     model, _ = _load(tiny_llama, runtime)
     ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        full = forward_step(model, ids, None)
+        full = stage_forward(model, ids, None)
         ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=32)
         ctx.materialize_only_last_token_logits = False
         pieces, start = [], 0
         for size in (8, 1, 1, 3, 1, 4, 2):  # 3- and 4-token chunks: the speculative verify case
-            pieces.append(forward_step(model, ids[:, start:start + size], ctx))
+            pieces.append(stage_forward(model, ids[:, start:start + size], ctx))
             ctx.increment_sequence_len_offset(size)
             start += size
     cached = torch.cat(pieces, dim=1)

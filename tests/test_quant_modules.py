@@ -22,9 +22,10 @@ from modelopt.torch.opt.plugins.mcore_dist_checkpointing import (
 from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.utils import safe_load
 
-from post_training.checkpointing import SourceConfig, setup_model
-from post_training.generate import forward_step
-from post_training.model_builder import ModelConfig
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.generate import stage_forward
+from post_training.config import ModelConfig
 from post_training.quant_modules import QuantSDPAttention
 
 VOCAB = 49152
@@ -47,7 +48,7 @@ def _calibrate(model: Any) -> None:
     """Two random-token batches: enough for max calibration of per-tensor scales."""
     with torch.no_grad():
         for seed in (10, 11):
-            forward_step(model, _tokens(seed), None)
+            stage_forward(model, _tokens(seed), None)
 
 
 def _core_attentions(model: Any) -> list:
@@ -56,7 +57,7 @@ def _core_attentions(model: Any) -> list:
 
 def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return forward_step(model, ids, None)
+        return stage_forward(model, ids, None)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,7 +122,7 @@ def test_quantized_kv_cache_decode_matches_uncached(fp8_model) -> None:
     pieces = []
     with torch.no_grad():
         for start, size in ((0, 8), (8, 1), (9, 3)):
-            pieces.append(forward_step(fp8_model, ids[:, start:start + size], ctx))
+            pieces.append(stage_forward(fp8_model, ids[:, start:start + size], ctx))
             ctx.increment_sequence_len_offset(size)
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-4
 

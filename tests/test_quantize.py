@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from dist_utils import clean_env, run_script, torchrun
-from post_training.quantize import QuantizeConfig, available_formats, calibration_samples, resolve_quant_cfg
+from post_training.quantization.calibration import calibration_samples
+from post_training.quantization.recipes import available_formats, resolve_quant_cfg
+from post_training.config import QuantizeConfig
 from post_training.utils import UsageError
 
 
@@ -91,7 +93,7 @@ def test_auto_quantize_flags():
         QuantizeConfig(quant_cfg="auto")
     with pytest.raises(UsageError, match="only applies to --export-quant-cfg auto"):
         QuantizeConfig(quant_cfg="FP8_DEFAULT_CFG", auto_bits=6.0)
-    from post_training.quantize import auto_formats
+    from post_training.quantization.recipes import auto_formats
 
     with pytest.raises(UsageError, match="unknown FP9_CFG; valid: .*INT4_AWQ_CFG"):
         auto_formats(QuantizeConfig(quant_cfg="auto", auto_bits=6.0, auto_formats="FP8_DEFAULT_CFG,FP9_CFG"))

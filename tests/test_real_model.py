@@ -6,10 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dist_utils import torchrun
-from post_training.checkpointing import SourceConfig, load_tokenizer, setup_model
+from post_training.config import SourceConfig
+from post_training.hf import load_tokenizer
+from post_training.model_builder import setup_model
 from post_training.data import render_prompt
-from post_training.generate import GenerateConfig, forward_step, generate
-from post_training.model_builder import ModelConfig
+from post_training.generate import stage_forward, generate
+from post_training.config import GenerateConfig
+from post_training.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
@@ -36,7 +39,7 @@ def test_logits_match_transformers(ours, hf_model):
     model, tok = ours
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 6)["input_ids"]])
     with torch.inference_mode():
-        diff = (forward_step(model, ids, None) - hf_model(ids).logits).abs().max().item()
+        diff = (stage_forward(model, ids, None) - hf_model(ids).logits).abs().max().item()
     print(f"SmolLM2 fp32 max |logits - transformers| = {diff:.3e} over {ids.size(1)} tokens")
     assert diff < 1e-3
 

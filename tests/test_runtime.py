@@ -77,28 +77,29 @@ def test_memory_report_mentions_rss():
 def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
     """Inference fast paths give the same logits as megatron's own functions, and outside
     inference mode the originals (autograd Functions) still run."""
-    from post_training.checkpointing import SourceConfig, setup_model
-    from post_training.generate import forward_step
-    from post_training.model_builder import ModelConfig
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.generate import stage_forward
+    from post_training.config import ModelConfig
     from post_training.runtime import fastpath
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     ids = torch.randint(0, 49152, (1, 17), generator=torch.Generator().manual_seed(4))
     assert fastpath._ORIGINALS, "fast paths are installed on CPU"
     with torch.inference_mode():
-        fast = forward_step(model, ids, None)
+        fast = stage_forward(model, ids, None)
     with torch.no_grad():  # not inference mode: original megatron path
-        slow = forward_step(model, ids, None)
+        slow = stage_forward(model, ids, None)
     fastpath.remove()
     try:
         with torch.inference_mode():
-            orig = forward_step(model, ids, None)
+            orig = stage_forward(model, ids, None)
     finally:
         fastpath.apply()
     assert torch.equal(slow, orig)
     assert (fast - orig).abs().max().item() < 1e-5
     model.requires_grad_(True)
-    out = forward_step(model, ids, None)
+    out = stage_forward(model, ids, None)
     out.float().pow(2).mean().backward()
     assert model.decoder.layers[0].mlp.linear_fc1.weight.grad is not None
 
@@ -107,13 +108,13 @@ def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tens
     """Prefill, then ``steps`` greedy decode steps through megatron's static KV cache."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    from post_training.generate import forward_step
+    from post_training.generate import stage_forward
 
     ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=prompt.size(1) + steps + 1)
     tokens, out = prompt, []
     with torch.inference_mode():
         for _ in range(steps + 1):
-            logits = forward_step(model, tokens, ctx)[:, -1]
+            logits = stage_forward(model, tokens, ctx)[:, -1]
             ctx.increment_sequence_len_offset(tokens.size(1))
             out.append(logits.clone())
             tokens = logits.argmax(-1, keepdim=True)
@@ -149,8 +150,9 @@ def test_fastpath_rotated_key_cache_and_mlp_equal_megatron(tiny_llama, runtime):
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.mlp import MLP
 
-    from post_training.checkpointing import SourceConfig, setup_model
-    from post_training.model_builder import ModelConfig
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.config import ModelConfig
     from post_training.runtime import fastpath
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
@@ -175,8 +177,9 @@ def test_lean_layer_equals_megatron_layer(tiny_dirs, runtime, monkeypatch, kind,
     TransformerBlock forward bit for bit, at the prefill and every cached decode step (Qwen3:
     q/k norms, separate rotation; Qwen2: qkv bias, untied output layer); the lean path really
     runs; a forward hook on a linear layer is honoured (its module is called)."""
-    from post_training.checkpointing import SourceConfig, setup_model
-    from post_training.model_builder import ModelConfig
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.config import ModelConfig
     from post_training.runtime import fast_layer
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_dirs[kind])), ModelConfig(), runtime)

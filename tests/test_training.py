@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from dist_utils import read_json, torchrun
 from post_training.loss_func import loss_func, reduce_report
-from post_training.training import TrainConfig, build_optimizer, microbatches, train_step
+from post_training.config import BatchConfig, TrainConfig
+from post_training.training import build_optimizer, microbatches, train_step
 from post_training.utils import UsageError
 from workers.train import fixed_batch, run
 
@@ -34,11 +35,11 @@ def test_train_config_is_validated():
                 dict(micro_batch_size=2, global_batch_size=3), dict(clip_grad=-1),
                 dict(adam_beta2=1.0), dict(train_iters=2, lr_warmup_iters=2)):
         with pytest.raises(UsageError):
-            TrainConfig(**bad)
-    cfg = TrainConfig(micro_batch_size=2, global_batch_size=8, train_iters=5)
-    assert cfg.lr_decay_iters == 5 and cfg.num_microbatches(dp=2) == 2
+            BatchConfig(**bad) if "micro_batch_size" in bad else TrainConfig(**bad)
+    cfg, batch = TrainConfig(train_iters=5), BatchConfig(micro_batch_size=2, global_batch_size=8)
+    assert cfg.lr_decay_iters == 5 and batch.num_microbatches(dp=2) == 2
     with pytest.raises(UsageError, match="divisible"):
-        cfg.num_microbatches(dp=3)
+        batch.num_microbatches(dp=3)
 
 
 def test_loss_func_is_a_token_level_mean():
@@ -63,16 +64,17 @@ def test_grad_clipping_on_cpu(tiny_llama, runtime):
     """clip_grad_by_total_norm_fp32 runs on CPU: the step reports the pre-clip norm, and the
     gradients the optimizer applied have norm clip_grad. The reported loss is the masked
     token-level cross entropy of the model's logits before the update."""
-    from post_training.checkpointing import SourceConfig, setup_model
-    from post_training.model_builder import ModelConfig
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.config import ModelConfig
 
-    cfg = TrainConfig(lr=1e-3, clip_grad=0.05, micro_batch_size=2, global_batch_size=4,
-                      seq_length=16, train_iters=1)
+    cfg = TrainConfig(lr=1e-3, clip_grad=0.05, train_iters=1)
+    batch = BatchConfig(micro_batch_size=2, global_batch_size=4)
     model, _, hf = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)),
-                               ModelConfig(seq_length=cfg.seq_length), runtime, inference=False)
-    model, optimizer, scheduler = build_optimizer(model, cfg)
-    tokens, mask = fixed_batch(cfg, hf.vocab_size, seed=3)
-    batches = microbatches(tokens, cfg, runtime, loss_mask=mask)
+                               ModelConfig(seq_length=16), runtime, inference=False)
+    model, optimizer, scheduler = build_optimizer(model, cfg, batch, seed=1234)
+    tokens, mask = fixed_batch(batch, 16, hf.vocab_size, seed=3)
+    batches = microbatches(tokens, batch, runtime, loss_mask=mask)
     with torch.no_grad():
         total, count = 0.0, 0.0
         for b in batches:
@@ -80,7 +82,7 @@ def test_grad_clipping_on_cpu(tiny_llama, runtime):
             ce = F.cross_entropy(logits.flatten(0, 1).float(), b["labels"].flatten(), reduction="none")
             total += (ce * b["loss_mask"].flatten()).sum().item()
             count += b["loss_mask"].sum().item()
-    result = train_step(model, optimizer, scheduler, batches, cfg)
+    result = train_step(model, optimizer, scheduler, batches, batch)
     assert result.grad_norm is not None and result.grad_norm > 10 * cfg.clip_grad
     assert optimizer.get_grad_norm() == pytest.approx(cfg.clip_grad, rel=1e-4)
     assert result.loss == pytest.approx(total / count, rel=1e-5)
@@ -106,17 +108,19 @@ def test_tensor_type_names_cuda_under_the_device_mode(runtime):
 def test_bf16_training_step_on_cpu(tiny_llama, runtime):
     """bf16 params go through megatron-core's Float16OptimizerWithFloat16Params (fp32 main
     params), which sorts params by their .type() name."""
-    from post_training.checkpointing import SourceConfig, setup_model
-    from post_training.model_builder import ModelConfig
+    from post_training.config import SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.config import ModelConfig
 
-    cfg = TrainConfig(lr=1e-3, micro_batch_size=2, global_batch_size=4, seq_length=16, train_iters=2)
+    cfg = TrainConfig(lr=1e-3, train_iters=2)
+    batch = BatchConfig(micro_batch_size=2, global_batch_size=4)
     model, _, hf = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)),
-                               ModelConfig(dtype="bf16", seq_length=cfg.seq_length), runtime,
+                               ModelConfig(dtype="bf16", seq_length=16), runtime,
                                inference=False)
-    model, optimizer, scheduler = build_optimizer(model, cfg)
-    tokens, _ = fixed_batch(cfg, hf.vocab_size, seed=5)
-    batches = microbatches(tokens, cfg, runtime)  # no loss mask: every label counts
-    first, second = (train_step(model, optimizer, scheduler, batches, cfg) for _ in range(2))
+    model, optimizer, scheduler = build_optimizer(model, cfg, batch, seed=1234)
+    tokens, _ = fixed_batch(batch, 16, hf.vocab_size, seed=5)
+    batches = microbatches(tokens, batch, runtime)  # no loss mask: every label counts
+    first, second = (train_step(model, optimizer, scheduler, batches, batch) for _ in range(2))
     assert next(model.parameters()).dtype == torch.bfloat16
     assert second.loss < first.loss and first.grad_norm > 0
 

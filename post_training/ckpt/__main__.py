@@ -1,4 +1,3 @@
-from post_training.ckpt.cli import cli_main
+from post_training.checkpointing.tools.cli import cli_main
 
-if __name__ == "__main__":
-    cli_main()
+cli_main()

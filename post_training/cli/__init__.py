@@ -1,17 +1,42 @@
 """Entry points run by scripts/*.sh (``python -m post_training.cli.<task>``).
 
-Each task parses flags, validates what it can before touching process groups (so
-``--preflight`` can reject bad input before torchrun starts N ranks), then runs.
+Each task parses its flags (:mod:`post_training.arguments`), checks what it can before touching
+process groups (``--preflight``: the launcher rejects bad input before torchrun starts N
+ranks), starts the runtime, calls one library function and prints. Importing this package sets
+the process's warning filters (:func:`quiet_upstream_warnings`): entry points are processes of
+their own, library imports change nothing.
 """
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable
 
 import torch.distributed as dist
 
 from post_training.utils import UsageError, rank
+
+# Import-time notices of megatron-core / ModelOpt that say nothing actionable to a user of the
+# scripts (the local spec is chosen on purpose, and says so). Narrow, message-matched.
+QUIET_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"transformers .* is not tested with current version of modelopt",
+    r"tp_group is None",
+    r"full scope is deprecated",  # TransformerConfig's own default, not something we set
+    # torch deprecations raised inside megatron-core's dist-checkpoint reader
+    r"`load_state_dict` is deprecated and will be removed",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+)
+
+
+def quiet_upstream_warnings() -> None:
+    for msg in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=msg)
+
+
+quiet_upstream_warnings()
 
 
 def run_entry(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
@@ -34,7 +59,3 @@ def run_entry(main: Callable[[list[str]], int | None], argv: list[str] | None = 
             except Exception:
                 pass
     sys.exit(code)
-
-
-def split_preflight(argv: list[str]) -> tuple[bool, list[str]]:
-    return "--preflight" in argv, [a for a in argv if a != "--preflight"]

@@ -4,26 +4,30 @@ Also reshards: with ``--load`` of a dist checkpoint, it is saved again at the ne
 """
 from __future__ import annotations
 
-from post_training import arguments
-from post_training.checkpointing import resolve_hf_dir, save_checkpoint, setup_model
-from post_training.cli import run_entry, split_preflight
+from pathlib import Path
+
+from post_training import arguments, hf
+from post_training.checkpointing import save_checkpoint
+from post_training.cli import run_entry
+from post_training.model_builder import setup_model
 from post_training.runtime import init_runtime, memory_report
 from post_training.utils import UsageError, print_rank_0
 
+GROUPS = ["runtime", "model", "source", "save"]
+
 
 def main(argv: list[str]) -> int:
-    preflight, argv = split_preflight(argv)
-    ns = arguments.parse(argv, prog="convert")
-    par, mcfg, src = arguments.common_configs(ns)
-    if not src.save:
+    args = arguments.parse(argv, GROUPS, prog="convert.sh",
+                           description="HF model or dist checkpoint -> dist checkpoint at this TP/PP")
+    if not args.save.save:
         raise UsageError("convert needs --save (MLM_MODEL_SAVE): where to write the dist checkpoint")
-    src.validate(par)
-    if preflight:
+    hf.check_source(args.source, args.runtime)
+    if args.preflight:
         return 0
-    rt = init_runtime(par)
-    model, _, _ = setup_model(src, mcfg, rt)
-    save_checkpoint(model, rt, src.save, None, hf_dir=resolve_hf_dir(src), model_conf=src.model_conf,
-                    keep_last=src.keep_last)
+    rt = init_runtime(args.runtime)
+    model, _, hf_config = setup_model(args.source, args.model, rt)
+    save_checkpoint(model, rt, args.save.save, None, hf_dir=Path(hf_config.name_or_path),
+                    model_conf=args.source.model_conf, keep_last=args.save.keep_last)
     print_rank_0(memory_report("memory"))
     return 0
 

@@ -10,27 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from post_training.config import ParallelConfig
 from post_training.runtime import cpu_compat, fastpath
 from post_training.utils import UsageError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    """Parallel layout and device. Megatron flags: --tensor-model-parallel-size,
-    --pipeline-model-parallel-size, --device (ours), --seed."""
-
-    tp: int = 1
-    pp: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise UsageError(f"TP and PP must be >= 1 (got TP={self.tp}, PP={self.pp})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be auto, cpu or cuda (got {self.device!r})")
 
 
 @dataclass

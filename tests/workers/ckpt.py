@@ -8,9 +8,12 @@ import argparse
 import torch
 from megatron.core import parallel_state as ps
 
-from post_training.checkpointing import SourceConfig, resolve_hf_dir, save_checkpoint, setup_model
-from post_training.generate import forward_step
-from post_training.model_builder import ModelConfig
+from post_training.checkpointing import save_checkpoint
+from post_training.config import SourceConfig
+from post_training.hf import source_hf_dir
+from post_training.model_builder import setup_model
+from post_training.generate import stage_forward
+from post_training.config import ModelConfig
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
 IDS = torch.arange(3, 40).unsqueeze(0) * 7 % 4000
@@ -37,12 +40,12 @@ def main() -> None:
 
         base = {"fp8": mtq.FP8_DEFAULT_CFG, "int8": mtq.INT8_DEFAULT_CFG}.get(a.quantize, {"quant_cfg": None})
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
-        model = mtq.quantize(model, cfg, lambda m: forward_step(m, IDS, None))
+        model = mtq.quantize(model, cfg, lambda m: stage_forward(m, IDS, None))
     if a.mode == "save":
-        save_checkpoint(model, rt, a.save, a.iteration, hf_dir=resolve_hf_dir(src), keep_last=a.keep_last)
+        save_checkpoint(model, rt, a.save, a.iteration, hf_dir=source_hf_dir(src), keep_last=a.keep_last)
     if a.out:
         with torch.inference_mode():
-            logits = forward_step(model, IDS, None)
+            logits = stage_forward(model, IDS, None)
         amax = {n: m.amax.clone() for n, m in model.named_modules()
                 if n.endswith("_quantizer") and getattr(m, "amax", None) is not None}
         box = [None] * torch.distributed.get_world_size()

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state as ps
 
-from post_training.checkpointing import SourceConfig, save_checkpoint, setup_model
-from post_training.generate import forward_step
-from post_training.model_builder import ModelConfig
+from post_training.checkpointing import save_checkpoint
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.generate import stage_forward
+from post_training.config import ModelConfig
 import post_training.runtime.dist as rtdist
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
@@ -59,13 +61,13 @@ def save_all(hf_dir: str, base: Path, rt, suffix: str = "", quantize: bool = Fal
     save_legacy(model, hf_config, rt, base / f"legacy{suffix}")
     if not suffix:
         with torch.inference_mode():
-            logits = forward_step(model, IDS, None)
+            logits = stage_forward(model, IDS, None)
         if ps.get_tensor_model_parallel_rank() == 0 and rt.is_last_stage:
             torch.save({"logits": logits}, base / "logits.pt")
     if quantize:
         import modelopt.torch.quantization as mtq
 
-        model = mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: forward_step(m, IDS, None))
+        model = mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: stage_forward(m, IDS, None))
         save_checkpoint(model, rt, base / "fp8", 10, hf_dir=Path(hf_dir))
 
 

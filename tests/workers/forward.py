@@ -7,10 +7,12 @@ import argparse
 import torch
 from megatron.core import parallel_state as ps
 
-from post_training.checkpointing import SourceConfig, setup_model
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
 from post_training.data import render_prompt
-from post_training.generate import GenerateConfig, forward_step, generate
-from post_training.model_builder import ModelConfig
+from post_training.generate import stage_forward, generate
+from post_training.config import GenerateConfig
+from post_training.config import ModelConfig
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
 
@@ -27,7 +29,7 @@ def main() -> None:
     model, tok, _ = setup_model(SourceConfig(pretrained_model_path=a.hf_dir), ModelConfig(), rt)
     ids = render_prompt(a.prompt, tok)
     with torch.inference_mode():
-        logits = forward_step(model, torch.tensor([ids]), None)
+        logits = stage_forward(model, torch.tensor([ids]), None)
     tokens = generate(model, ids, GenerateConfig(max_new_tokens=a.max_new_tokens))
     if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
         torch.save({"logits": logits, "tokens": tokens, "ids": ids}, a.out)

@@ -11,10 +11,13 @@ import argparse
 import torch
 from megatron.core import parallel_state as ps
 
-from post_training.checkpointing import SourceConfig, resolve_hf_dir, save_checkpoint, setup_model
-from post_training.generate import forward_step
-from post_training.model_builder import ModelConfig
-from post_training.quantize import next_token_loss
+from post_training.checkpointing import save_checkpoint
+from post_training.config import SourceConfig
+from post_training.hf import source_hf_dir
+from post_training.model_builder import setup_model
+from post_training.generate import stage_forward
+from post_training.config import ModelConfig
+from post_training.quantization.ptq import next_token_loss
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
 IDS = torch.arange(3, 40).unsqueeze(0) * 7 % 4000
@@ -49,13 +52,13 @@ def main() -> None:
         data = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
         for _ in range(a.steps):
             opt.zero_grad()
-            next_token_loss(forward_step(model, data, None), data).backward()
+            next_token_loss(stage_forward(model, data, None), data).backward()
             opt.step()
         model.eval()
         lora_b_max = max(p.abs().max().item() for n, p in model.named_parameters() if "lora_b" in n)
-        save_checkpoint(model, rt, a.save, None, hf_dir=resolve_hf_dir(src))
+        save_checkpoint(model, rt, a.save, None, hf_dir=source_hf_dir(src))
     with torch.inference_mode():
-        logits = forward_step(model, IDS, None)
+        logits = stage_forward(model, IDS, None)
     if ps.get_tensor_model_parallel_rank() == 0:
         torch.save({"logits": logits.float(), "lora_b_max": lora_b_max}, a.out)
     destroy_runtime()

@@ -13,15 +13,18 @@ import json
 import torch
 import torch.distributed as dist
 
-from post_training.checkpointing import SourceConfig, load_training_state, save_checkpoint, setup_model
-from post_training.model_builder import ModelConfig
+from post_training.checkpointing import load_training_state, save_checkpoint
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.config import ModelConfig
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
-from post_training.training import TrainConfig, build_optimizer, microbatches, train_step
+from post_training.config import BatchConfig, TrainConfig
+from post_training.training import build_optimizer, microbatches, train_step
 
 
-def batch(cfg: TrainConfig, step: int) -> torch.Tensor:
+def batch(cfg: BatchConfig, seq_length: int, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, 49152, (cfg.global_batch_size, cfg.seq_length + 1), generator=g)
+    return torch.randint(0, 49152, (cfg.global_batch_size, seq_length + 1), generator=g)
 
 
 def main() -> None:
@@ -35,12 +38,12 @@ def main() -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=2, train_iters=6, lr_decay_style="cosine",
-                      micro_batch_size=2, global_batch_size=4, seq_length=16)
+    tcfg = TrainConfig(lr=1e-3, min_lr=1e-4, lr_warmup_iters=2, train_iters=6, lr_decay_style="cosine")
+    cfg = BatchConfig(micro_batch_size=2, global_batch_size=4)
     mcfg = ModelConfig(seq_length=16, hidden_dropout=0.1, attention_dropout=0.1)
     src = SourceConfig(pretrained_model_path=a.hf_dir, load=a.ckpt if a.mode == "resume" else None)
     model, _, _ = setup_model(src, mcfg, rt, inference=False)
-    model, optimizer, scheduler = build_optimizer(model, cfg)
+    model, optimizer, scheduler = build_optimizer(model, tcfg, cfg, seed=1234)
     start = 0
     if a.mode == "resume":
         state = load_training_state(a.ckpt, model, rt, optimizer, scheduler)
@@ -48,7 +51,7 @@ def main() -> None:
         assert state["consumed_samples"] == start * cfg.global_batch_size
     losses = {}
     for step in range(start, a.steps):
-        losses[step] = train_step(model, optimizer, scheduler, microbatches(batch(cfg, step), cfg, rt), cfg).loss
+        losses[step] = train_step(model, optimizer, scheduler, microbatches(batch(cfg, mcfg.seq_length, step), cfg, rt), cfg).loss
     if a.mode == "first":
         save_checkpoint(model, rt, a.ckpt, a.steps, hf_dir=a.hf_dir, optimizer=optimizer, scheduler=scheduler,
                         train_state={"iteration": a.steps, "consumed_samples": a.steps * cfg.global_batch_size})

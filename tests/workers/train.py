@@ -9,17 +9,19 @@ import json
 import torch
 import torch.distributed as dist
 
-from post_training.checkpointing import SourceConfig, setup_model
-from post_training.model_builder import ModelConfig
+from post_training.config import SourceConfig
+from post_training.model_builder import setup_model
+from post_training.config import ModelConfig
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
-from post_training.training import TrainConfig, build_optimizer, microbatches, train_step
+from post_training.config import BatchConfig, TrainConfig
+from post_training.training import build_optimizer, microbatches, train_step
 
 
-def fixed_batch(cfg: TrainConfig, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(cfg: BatchConfig, seq_length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids [gbs, s + 1] and a loss mask that drops a random ~25% of the labels
     (so token counts differ between microbatches and the token-level mean matters)."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (cfg.global_batch_size, cfg.seq_length + 1), generator=g)
+    tokens = torch.randint(0, vocab, (cfg.global_batch_size, seq_length + 1), generator=g)
     mask = (torch.rand(tokens.shape, generator=g) > 0.25).long()
     return tokens, mask
 
@@ -28,15 +30,14 @@ def run(hf_dir: str, rt, steps: int = 4, lr: float = 1e-3, clip_grad: float = 1.
         micro_batch_size: int = 2, global_batch_size: int = 4, seq_length: int = 32) -> dict:
     """Build, train ``steps`` steps on one fixed batch; per-step loss, grad norm and lr.
     Also called in-process by tests/test_training.py (the TP=1 reference)."""
-    cfg = TrainConfig(lr=lr, min_lr=lr / 10, lr_warmup_iters=0, train_iters=steps,
-                      clip_grad=clip_grad, micro_batch_size=micro_batch_size,
-                      global_batch_size=global_batch_size, seq_length=seq_length)
+    cfg = TrainConfig(lr=lr, min_lr=lr / 10, lr_warmup_iters=0, train_iters=steps, clip_grad=clip_grad)
+    bcfg = BatchConfig(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
     model, _, hf_config = setup_model(SourceConfig(pretrained_model_path=hf_dir),
-                                      ModelConfig(seq_length=cfg.seq_length), rt, inference=False)
-    model, optimizer, scheduler = build_optimizer(model, cfg)
-    tokens, mask = fixed_batch(cfg, hf_config.vocab_size, seed=7)
-    batches = microbatches(tokens, cfg, rt, loss_mask=mask)
-    results = [train_step(model, optimizer, scheduler, batches, cfg) for _ in range(cfg.train_iters)]
+                                      ModelConfig(seq_length=seq_length), rt, inference=False)
+    model, optimizer, scheduler = build_optimizer(model, cfg, bcfg, seed=1234)
+    tokens, mask = fixed_batch(bcfg, seq_length, hf_config.vocab_size, seed=7)
+    batches = microbatches(tokens, bcfg, rt, loss_mask=mask)
+    results = [train_step(model, optimizer, scheduler, batches, bcfg) for _ in range(cfg.train_iters)]
     return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
             "lr": [r.lr for r in results]}
 

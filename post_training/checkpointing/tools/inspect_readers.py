@@ -54,7 +54,7 @@ def safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
 def pickle_check(path: Path) -> tuple[str, list[str]]:
     """How loading a torch pickle file behaves: ``weights_only`` (no code runs), ``needs_globals``
     (with the globals it names), ``legacy_unchecked`` (pre-zip format), or ``none`` (no pickle)."""
-    from post_training.ckpt.safe_load import unsafe_globals
+    from post_training.checkpointing.tools.safe_load import unsafe_globals
 
     with open(path, "rb") as f:
         magic = f.read(2)
@@ -82,7 +82,7 @@ def peek_torch(path: Path) -> Any | None:
     if kind == "legacy_unchecked" or not set(names) <= _INSPECT_SAFE:
         return None
     try:
-        from post_training.ckpt.safe_load import only_globals
+        from post_training.checkpointing.tools.safe_load import only_globals
 
         with only_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

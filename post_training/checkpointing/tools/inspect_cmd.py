@@ -3,10 +3,10 @@
 For every file: its role, whether inference or resuming training needs it, whether it is safe to
 edit by hand, and whether loading it would run pickle code. For the whole: the kind, the
 architecture, parameter count, dtypes, size, parallel layout, and what is missing to resume or
-to deploy. Layout recognition lives in :mod:`post_training.ckpt.layouts`, the readers in
-:mod:`post_training.ckpt.inspect_readers`, the report in :mod:`post_training.ckpt.inspect_report`
-and the analysers per kind in :mod:`post_training.ckpt.inspect_hf` and
-:mod:`post_training.ckpt.inspect_sharded`; this module runs them and renders the result.
+to deploy. Layout recognition lives in :mod:`post_training.checkpointing.tools.layouts`, the readers in
+:mod:`post_training.checkpointing.tools.inspect_readers`, the report in :mod:`post_training.checkpointing.tools.inspect_report`
+and the analysers per kind in :mod:`post_training.checkpointing.tools.inspect_hf` and
+:mod:`post_training.checkpointing.tools.inspect_sharded`; this module runs them and renders the result.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from post_training.ckpt import inspect_hf as H
-from post_training.ckpt import inspect_sharded as S
-from post_training.ckpt import layouts as L
-from post_training.ckpt.inspect_report import Report
+from post_training.checkpointing.tools import inspect_hf as H
+from post_training.checkpointing.tools import inspect_sharded as S
+from post_training.checkpointing.tools import layouts as L
+from post_training.checkpointing.tools.inspect_report import Report
 
 _PICKLE_TEXT = {"none": "-", "weights_only": "safe", "legacy_unchecked": "pickle (legacy format, cannot check)"}
 

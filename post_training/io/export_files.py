@@ -19,24 +19,12 @@ from pathlib import Path
 
 import torch
 
-from post_training.checkpoint_io import fsync_tree
+from post_training.io.layout import fsync_tree
 from post_training.utils import UsageError
 
 INDEX = "model.safetensors.index.json"
 # Weight files of other formats that ModelOpt copies from the source directory with the tokenizer.
 _FOREIGN_WEIGHTS = re.compile(r".*\.(bin|pt|pth|gguf|h5|msgpack|ckpt|onnx)$|.*\.bin\.index\.json$")
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
-    """'5GB' / '500MB' (decimal, as huggingface_hub counts) / '2GiB' / bytes -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
-    if not m or int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]) < 1:
-        raise UsageError(f"{flag} must be a positive size like 5GB, 500MB or 2GiB (got {text!r})")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
 def new_staging_dir(out: Path) -> Path:

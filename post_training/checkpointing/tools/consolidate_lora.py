@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from post_training.ckpt import consolidate_mcore as mc
+from post_training.checkpointing.tools import consolidate_mcore as mc
 from post_training.utils import UsageError
 
 Tensor = torch.Tensor

@@ -13,11 +13,11 @@ from post_training.cli import run_entry
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "inspect": ("post_training.ckpt.inspect_cmd", "explain a checkpoint directory or file"),
-    "consolidate": ("post_training.ckpt.consolidate", "sharded checkpoint -> one HF safetensors model"),
-    "merge-lora": ("post_training.ckpt.merge_lora", "fold LoRA into the base: PEFT adapter + HF base, or a toolkit LoRA checkpoint (any TP/PP)"),
-    "to-safetensors": ("post_training.ckpt.to_safetensors", "convert a .pt/.bin state dict safely"),
-    "to-gguf": ("post_training.ckpt.to_gguf", "write a GGUF file from a Llama-family checkpoint"),
+    "inspect": ("post_training.checkpointing.tools.inspect_cmd", "explain a checkpoint directory or file"),
+    "consolidate": ("post_training.checkpointing.tools.consolidate", "sharded checkpoint -> one HF safetensors model"),
+    "merge-lora": ("post_training.checkpointing.tools.merge_lora", "fold LoRA into the base: PEFT adapter + HF base, or a toolkit LoRA checkpoint (any TP/PP)"),
+    "to-safetensors": ("post_training.checkpointing.tools.to_safetensors", "convert a .pt/.bin state dict safely"),
+    "to-gguf": ("post_training.checkpointing.tools.to_gguf", "write a GGUF file from a Llama-family checkpoint"),
 }
 
 

@@ -1,9 +1,9 @@
 """``inspect`` analysers for Hugging Face side layouts and single files.
 
 Model directories (safetensors or torch ``.bin``, sharded or not), PEFT adapters, Trainer
-``checkpoint-N`` directories (their DeepSpeed part goes to :mod:`post_training.ckpt.inspect_sharded`),
+``checkpoint-N`` directories (their DeepSpeed part goes to :mod:`post_training.checkpointing.tools.inspect_sharded`),
 GGUF files, and single safetensors / torch files. Each fills a
-:class:`~post_training.ckpt.inspect_report.Report`.
+:class:`~post_training.checkpointing.tools.inspect_report.Report`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from post_training.ckpt import inspect_readers as R
-from post_training.ckpt.inspect_report import Report, dedup, hf_config, read_json, short, tokenizer_checks
-from post_training.ckpt.inspect_sharded import analyse_deepspeed
+from post_training.checkpointing.tools import inspect_readers as R
+from post_training.checkpointing.tools.inspect_report import Report, dedup, hf_config, read_json, short, tokenizer_checks
+from post_training.checkpointing.tools.inspect_sharded import analyse_deepspeed
 
 
 def _count_weight_files(rep: Report, roles: tuple[str, ...] = ("weights", "adapter weights")) -> None:

@@ -1,10 +1,10 @@
 """``consolidate CKPT OUT``: a sharded training checkpoint -> one Hugging Face model directory.
 
-Sources (:mod:`post_training.ckpt.consolidate_sources`): the toolkit's / Megatron-LM's
+Sources (:mod:`post_training.checkpointing.tools.consolidate_sources`): the toolkit's / Megatron-LM's
 megatron-core dist checkpoints (``torch_dist``, any TP/PP), Megatron-LM legacy checkpoints
 (``mp_rank_XX[_YYY]/model_optim_rng.pt``) and DeepSpeed ZeRO checkpoints (needs deepspeed).
 No model is built and no process group is needed: tensors are read, renamed to HF names
-(:mod:`post_training.ckpt.consolidate_mcore`) and written one at a time, into safetensors
+(:mod:`post_training.checkpointing.tools.consolidate_mcore`) and written one at a time, into safetensors
 shards whose headers are planned from the checkpoint's metadata, so memory stays near one
 layer whatever the model or shard size. Output: ``model-XXXXX-of-YYYYY.safetensors``,
 ``model.safetensors.index.json``, ``config.json``, ``generation_config.json`` and the
@@ -28,7 +28,8 @@ from typing import Iterator
 
 import torch
 
-from post_training.export_io import INDEX, parse_size
+from post_training.io.export_files import INDEX
+from post_training.io.formats import parse_size
 from post_training.utils import UsageError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -53,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def open_checkpoint(ckpt: Path, hf_config: Path | None = None, trust_pickle: bool = False, lora: bool = False):
     """Detect the checkpoint kind and return its :class:`~consolidate_sources.Plan`; ``lora``:
     fold the checkpoint's LoRA adapters in (``merge-lora CKPT OUT``; dist checkpoints only)."""
-    from post_training import checkpoint_io as cio
-    from post_training.ckpt import consolidate_sources as cs
+    from post_training.io import layout as cio
+    from post_training.checkpointing.tools import consolidate_sources as cs
 
     if not ckpt.is_dir():
         raise UsageError(f"checkpoint not found: {ckpt}" if not ckpt.exists() else
@@ -156,8 +157,8 @@ def consolidate_to_hf(ckpt: Path, out: Path, dtype: str = "keep", *, max_shard_s
                       overwrite: bool = False, trust_pickle: bool = False, hf_config: Path | None = None,
                       quiet: bool = False, lora: bool = False) -> Path:
     """Write ``ckpt`` as an HF model directory ``out`` (see the module doc). Returns ``out``."""
-    from post_training.checkpoint_io import fsync_tree
-    from post_training.ckpt.outdir import check_output, staged_output
+    from post_training.io.layout import fsync_tree
+    from post_training.checkpointing.tools.outdir import check_output, staged_output
 
     if dtype != "keep" and dtype not in DTYPES:
         raise UsageError(f"dtype must be keep or one of {', '.join(DTYPES)} (got {dtype!r})")

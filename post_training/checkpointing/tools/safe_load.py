@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from post_training.checkpoint_io import sha256_file
+from post_training.io.layout import sha256_file
 from post_training.utils import UsageError, warn_rank_0
 
 

@@ -165,8 +165,8 @@ def update_config(root: Path, dtype: torch.dtype | None, **changes: Any) -> None
 
 def seal(root: Path) -> None:
     """Usual permissions (safetensors writes 0600), SHA256SUMS over every file, fsync."""
-    from post_training.checkpoint_io import fsync_tree
-    from post_training.ckpt.safe_load import write_sha256sums
+    from post_training.io.layout import fsync_tree
+    from post_training.checkpointing.tools.safe_load import write_sha256sums
 
     umask = os.umask(0o022)
     os.umask(umask)
@@ -313,7 +313,7 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> Any:
     so a stray text or binary file is named as such rather than as a pickle needing globals."""
     import zipfile
 
-    from post_training.ckpt.safe_load import safe_torch_load
+    from post_training.checkpointing.tools.safe_load import safe_torch_load
 
     if path.is_file() and not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
@@ -327,8 +327,8 @@ def _short_list(items: list[str], n: int = 8) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from post_training.ckpt.outdir import staged_output
-    from post_training.export_io import parse_size
+    from post_training.checkpointing.tools.outdir import staged_output
+    from post_training.io.formats import parse_size
 
     src, out = Path(args.input), Path(args.output)
     if not src.exists():
@@ -366,7 +366,7 @@ def _convert_to_file(files: list[Path], out: Path, dtype: torch.dtype | None, ar
     """One ``.safetensors`` file (no sharding) and ``<out>.sha256`` beside it, renamed in last."""
     import tempfile
 
-    from post_training.checkpoint_io import sha256_file
+    from post_training.io.layout import sha256_file
 
     sums = out.with_name(out.name + ".sha256")
     if out.exists() and not args.overwrite:

@@ -264,7 +264,7 @@ def write_gguf(hf_dir: Path, out_path: Path, out_type: str, model_name: str | No
     import numpy as np
     from safetensors import safe_open
 
-    from post_training.ckpt.gguf_tokenizer import read_vocab, write_vocab
+    from post_training.checkpointing.tools.gguf_tokenizer import read_vocab, write_vocab
 
     if out_type not in OUT_TYPES:
         raise UsageError(f"--type {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
@@ -321,12 +321,12 @@ def write_gguf(hf_dir: Path, out_path: Path, out_type: str, model_name: str | No
 def hf_source(ckpt: Path, scratch: Path) -> Iterator[tuple[Path, str | None]]:
     """Yield ``(hf_dir, model_name)`` for CKPT; a toolkit checkpoint is consolidated into a
     temporary directory under ``scratch`` (beside the output, so on a disk with room) first."""
-    from post_training.checkpoint_io import is_checkpoint_root, is_dist_checkpoint_dir
+    from post_training.io.layout import is_checkpoint_root, is_dist_checkpoint_dir
 
     if not ckpt.is_dir():
         raise UsageError(f"{ckpt}: no such checkpoint directory")
     if is_checkpoint_root(ckpt) or is_dist_checkpoint_dir(ckpt):
-        from post_training.ckpt import consolidate
+        from post_training.checkpointing.tools import consolidate
 
         fn = getattr(consolidate, "consolidate_to_hf", None)
         if fn is None:
@@ -347,7 +347,7 @@ def hf_source(ckpt: Path, scratch: Path) -> Iterator[tuple[Path, str | None]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from post_training.ckpt.outdir import staged_file
+    from post_training.checkpointing.tools.outdir import staged_file
 
     out = Path(args.out)
     with staged_file(out, args.overwrite) as tmp:  # refuses an existing OUT before any work

@@ -18,7 +18,7 @@ A dist checkpoint with ModelOpt LoRA adapters (``peft`` mode, any TP/PP; ADAPTER
 checkpoint itself) goes through ``consolidate``'s streaming reader, which reads global tensors, so
 the TP split of lora A / B needs no handling: ``W + scale * B @ A`` is folded into each megatron
 weight in fp32 before the megatron -> HF split and cast once when written
-(:mod:`post_training.ckpt.consolidate_lora`). A dist-checkpoint BASE with a separate PEFT adapter
+(:mod:`post_training.checkpointing.tools.consolidate_lora`). A dist-checkpoint BASE with a separate PEFT adapter
 is refused with the export step to run first.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from post_training.ckpt.to_safetensors import (BIN_INDEX, DTYPES, EMBED_SUFFIXES, SAFE_INDEX, ShardWriter,
+from post_training.checkpointing.tools.to_safetensors import (BIN_INDEX, DTYPES, EMBED_SUFFIXES, SAFE_INDEX, ShardWriter,
                                                copy_aux_files, index_files, load_torch_file, read_config,
                                                read_json, seal, torch_dtype, untie_shared, update_config)
 from post_training.utils import UsageError, warn_rank_0
@@ -166,7 +166,7 @@ def _load_adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
 
 def base_files(base: Path) -> list[Path]:
     """The base's weight files in shard order; refuses quantized bases and dist checkpoints."""
-    from post_training.checkpoint_io import TRACKER
+    from post_training.io.layout import TRACKER
 
     if not base.is_dir():
         raise UsageError(f"BASE {base} is not a directory (give the HF model directory)")
@@ -325,8 +325,8 @@ def merge_tensor(key: str, t: torch.Tensor, plan: Plan, out_dtype: torch.dtype |
 
 def merge_dist(ckpt: Path, out: Path, dtype: str, overwrite: bool) -> int:
     """``merge-lora CKPT OUT``: the checkpoint's LoRA adapters folded in, written as an HF model."""
-    from post_training import checkpoint_io as cio
-    from post_training.ckpt.consolidate import consolidate_to_hf
+    from post_training.io import layout as cio
+    from post_training.checkpointing.tools.consolidate import consolidate_to_hf
 
     if out.resolve() == ckpt.resolve():
         raise UsageError("OUT must not be CKPT itself")
@@ -338,7 +338,7 @@ def merge_dist(ckpt: Path, out: Path, dtype: str, overwrite: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from post_training.ckpt.outdir import check_output, staged_output
+    from post_training.checkpointing.tools.outdir import check_output, staged_output
 
     base = Path(args.base)
     if args.adapter is None or Path(args.adapter).resolve() == base.resolve():

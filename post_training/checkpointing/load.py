@@ -5,14 +5,14 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from post_training import checkpoint_io as cio
+from post_training.io import layout as cio
 from post_training.runtime import Runtime
-from post_training.utils import UsageError, print_rank_0, rank, unwrap
+from post_training.runtime.collectives import rank0_then_share
+from post_training.utils import UsageError, print_rank_0, unwrap
 
 
 TRAINING_KEYS = ("optimizer.", "rng_state")
@@ -37,20 +37,6 @@ def model_sharded_state_dict(model) -> dict:
             offsets = tuple((i, v.global_offset[i], v.axis_fragmentations[i]) for i in range(v.prepend_axis_num))
             sd[k] = apply_swiglu_sharded_factory(v, offsets)
     return sd
-
-
-def _agreed(check: Callable[[], None]) -> None:
-    """Run a file check on rank 0 only and raise the same UsageError on every rank."""
-    box = [None]
-    if rank() == 0:
-        try:
-            check()
-        except UsageError as e:
-            box = [str(e)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise UsageError(box[0])
 
 
 def _version_tuple(v: str) -> tuple:
@@ -127,15 +113,15 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
     if meta.get("modelopt_modes") and not (iter_dir / "modelopt_state").is_dir():
         raise UsageError(f"checkpoint {iter_dir} was saved with ModelOpt modes {meta['modelopt_modes']} "
                          f"but its modelopt_state/ is missing: the quantizers cannot be restored")
-    _agreed(lambda: cio.verify_files(iter_dir, meta, hashes=verify_hashes))
-    _agreed(lambda: check_modelopt_version(iter_dir))
+    rank0_then_share(lambda: cio.verify_files(iter_dir, meta, hashes=verify_hashes))
+    rank0_then_share(lambda: check_modelopt_version(iter_dir))
     try:
         restore_sharded_modelopt_state([model], str(iter_dir))
         from post_training.quant_modules import disable_unsaved_output_layer_quantizers
 
         disable_unsaved_output_layer_quantizers(model, iter_dir)
         model_sd = model_sharded_state_dict(model)
-        _agreed(lambda: check_shapes(model_sd, iter_dir, meta))
+        rank0_then_share(lambda: check_shapes(model_sd, iter_dir, meta))
         loaded, missing, unexpected = dist_checkpointing.load(
             {"model": model_sd}, str(iter_dir), strict=StrictHandling.RETURN_ALL)
     except UsageError:

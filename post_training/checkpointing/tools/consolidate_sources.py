@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from post_training import checkpoint_io as cio
-from post_training.ckpt import consolidate_mcore as mc
-from post_training.ckpt.safe_load import safe_torch_load, unsafe_globals
+from post_training.io import layout as cio
+from post_training.checkpointing.tools import consolidate_mcore as mc
+from post_training.checkpointing.tools.safe_load import safe_torch_load, unsafe_globals
 from post_training.utils import UsageError, warn_rank_0
 
 Tensor = torch.Tensor
@@ -241,7 +241,7 @@ def open_dist(iter_dir: Path, hf_config: Path | None, trust_pickle: bool, lora: 
     model_keys = {k for k in stored if not k.startswith(_SKIP)}
     read, folder = read_raw, None
     if lora:  # fold each adapted weight's LoRA update in as the weight is read
-        from post_training.ckpt.consolidate_lora import Folder, peft_configs
+        from post_training.checkpointing.tools.consolidate_lora import Folder, peft_configs
 
         folder = Folder(peft_configs(state), model_keys, has, where)
         read = folder.wrap(read_raw)

@@ -2,7 +2,7 @@
 
 :func:`detect` says which kind of checkpoint a path is and which files belong to it;
 :func:`file_role` says what each file is for. The readers of headers and records live in
-:mod:`post_training.ckpt.inspect_readers`; ``inspect_cmd`` turns both into a report.
+:mod:`post_training.checkpointing.tools.inspect_readers`; ``inspect_cmd`` turns both into a report.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from post_training import checkpoint_io as cio
+from post_training.io import layout as cio
 from post_training.utils import UsageError
 
 KINDS: dict[str, str] = {

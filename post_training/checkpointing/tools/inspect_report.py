@@ -2,8 +2,8 @@
 
 :class:`Report` collects one entry per file (its role; whether inference or resuming training
 needs it; whether it is safe to edit by hand; whether loading it would run pickle code) and the
-summary, while a kind-specific analyser (:mod:`post_training.ckpt.inspect_hf`,
-:mod:`post_training.ckpt.inspect_sharded`) walks the layout. The helpers below read what both
+summary, while a kind-specific analyser (:mod:`post_training.checkpointing.tools.inspect_hf`,
+:mod:`post_training.checkpointing.tools.inspect_sharded`) walks the layout. The helpers below read what both
 sides need: a Hugging Face ``config.json``, the tokenizer files, the tensors of a state dict.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from post_training import checkpoint_io as cio
-from post_training.ckpt import inspect_readers as R
-from post_training.ckpt import layouts as L
+from post_training.io import layout as cio
+from post_training.checkpointing.tools import inspect_readers as R
+from post_training.checkpointing.tools import layouts as L
 from post_training.utils import UsageError
 
 SCHEMA = 1

@@ -3,7 +3,7 @@
 megatron-core ``torch_dist`` checkpoints (ours, with ``toolkit_meta.json``, and plain Megatron-LM
 ones) and raw torch.distributed.checkpoint directories, read from the DCP metadata alone;
 Megatron-LM legacy ``mp_rank_*/model_optim_rng.pt`` files; DeepSpeed ZeRO partitions. Each fills a
-:class:`~post_training.ckpt.inspect_report.Report`.
+:class:`~post_training.checkpointing.tools.inspect_report.Report`.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from post_training import checkpoint_io as cio
-from post_training.ckpt import inspect_readers as R
-from post_training.ckpt import layouts as L
-from post_training.ckpt.inspect_report import Report, dedup, hf_config, short, tokenizer_checks
+from post_training.io import layout as cio
+from post_training.checkpointing.tools import inspect_readers as R
+from post_training.checkpointing.tools import layouts as L
+from post_training.checkpointing.tools.inspect_report import Report, dedup, hf_config, short, tokenizer_checks
 
 # Megatron tensor-parallel splits, by name: column-parallel along dim 0, row-parallel along dim 1;
 # everything else (norms, row-parallel biases) is replicated on every TP rank.

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from post_training.export_io import commit, new_staging_dir
+from post_training.io.export_files import commit, new_staging_dir
 from post_training.utils import UsageError
 
 
