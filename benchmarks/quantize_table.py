@@ -30,7 +30,7 @@ DEFAULT_FORMATS = ("FP8_DEFAULT_CFG,INT8_SMOOTHQUANT_CFG,examples/quantization/i
 def hf_perplexity(model, windows: list[list[int]]) -> float:
     import torch
 
-    from post_training.evaluate import token_nll_sum
+    from post_training.evaluation.perplexity import token_nll_sum
 
     nll, n = 0.0, 0
     with torch.inference_mode():
@@ -84,7 +84,7 @@ def main() -> None:
     from post_training.hf import load_tokenizer, source_hf_dir
     from post_training.model_builder import setup_model
     from post_training.data import builtin_text, token_chunks
-    from post_training.evaluate import perplexity
+    from post_training.evaluation.perplexity import perplexity
     from post_training.generate import stage_forward
     from post_training.config import ModelConfig
     from post_training.config import AUTO

@@ -17,10 +17,11 @@ from post_training.checkpointing import save_checkpoint
 from post_training.config import SourceConfig
 from post_training.model_builder import setup_model
 from post_training.cli.evaluate import main
-from post_training.evaluate import eval_windows, load_eval_text, perplexity
+from post_training.evaluation.inputs import eval_windows, load_eval_text, load_questions, prompt
+from post_training.evaluation.perplexity import perplexity
 from post_training.config import EvalConfig
 from post_training.config import ModelConfig
-from post_training.multiple_choice import load_questions, prompt, score
+from post_training.evaluation.mmlu import score
 from post_training.utils import UsageError
 
 EXAMPLE = ROOT / "examples" / "eval" / "mmlu_general_knowledge.csv"

@@ -7,10 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from post_training import arguments, hf
-from post_training.checkpointing import save_checkpoint
 from post_training.cli import run_entry
-from post_training.model_builder import setup_model
-from post_training.runtime import init_runtime, memory_report
 from post_training.utils import UsageError, print_rank_0
 
 GROUPS = ["runtime", "model", "source", "save"]
@@ -24,6 +21,10 @@ def main(argv: list[str]) -> int:
     hf.check_source(args.source, args.runtime)
     if args.preflight:
         return 0
+    from post_training.checkpointing import save_checkpoint
+    from post_training.model_builder import setup_model
+    from post_training.runtime import init_runtime, memory_report
+
     rt = init_runtime(args.runtime)
     model, _, hf_config = setup_model(args.source, args.model, rt)
     save_checkpoint(model, rt, args.save.save, None, hf_dir=Path(hf_config.name_or_path),

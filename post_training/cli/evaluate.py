@@ -2,7 +2,7 @@
 
 The last line on stdout is ``perplexity <value>`` (other tools parse it). Every input is checked
 before the model loads, the text included (a text shorter than one window is an error), so
-``--preflight`` rejects bad input before torchrun starts N ranks.
+``--preflight`` rejects bad input before torchrun starts N ranks, without importing megatron-core.
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from pathlib import Path
 
 from post_training import arguments, hf
 from post_training.cli import run_entry
-from post_training.evaluate import evaluate_model, prepare_inputs
-from post_training.model_builder import setup_model
-from post_training.runtime import init_runtime, memory_report
+from post_training.evaluation.inputs import prepare_inputs
 from post_training.utils import print_rank_0, rank
 
 GROUPS = ["runtime", "model", "source", "batch", "eval", "report"]
@@ -26,6 +24,10 @@ def main(argv: list[str]) -> int:
     if args.preflight:
         prepare_inputs(args.eval, args.source, args.model.seq_length)
         return 0
+    from post_training.evaluation.perplexity import evaluate_model
+    from post_training.model_builder import setup_model
+    from post_training.runtime import init_runtime, memory_report
+
     rt = init_runtime(args.runtime)
     windows, questions = prepare_inputs(args.eval, args.source, args.model.seq_length)
     model, tok, _ = setup_model(args.source, args.model, rt)

@@ -6,9 +6,6 @@ from pathlib import Path
 
 from post_training import arguments, hf
 from post_training.cli import run_entry
-from post_training.export import export_model
-from post_training.model_builder import setup_model
-from post_training.runtime import init_runtime, memory_report
 from post_training.utils import print_rank_0
 
 GROUPS = ["runtime", "model", "source", "export"]
@@ -21,6 +18,10 @@ def main(argv: list[str]) -> int:
     args.export.validate(args.source)
     if args.preflight:
         return 0
+    from post_training.export import export_model
+    from post_training.model_builder import setup_model
+    from post_training.runtime import init_runtime, memory_report
+
     rt = init_runtime(args.runtime)
     model, _, hf_config = setup_model(args.source, args.model, rt)
     export_model(model, rt, Path(hf_config.name_or_path), args.export, args.model.torch_dtype)

@@ -9,9 +9,6 @@ from pathlib import Path
 from post_training import arguments, hf
 from post_training.cli import run_entry
 from post_training.data import load_prompts, render_prompt
-from post_training.generate import generate, stop_token_ids
-from post_training.model_builder import setup_model
-from post_training.runtime import init_runtime, memory_report
 from post_training.utils import print_rank_0, rank
 
 BEGIN, ANSWER, END = "===== PROMPT {} =====", "===== ANSWER {} =====", "===== END {} ====="
@@ -25,6 +22,10 @@ def main(argv: list[str]) -> int:
     prompts = load_prompts(args.prompts.prompts_file)
     if args.preflight:
         return 0
+    from post_training.generate import generate, stop_token_ids
+    from post_training.model_builder import setup_model
+    from post_training.runtime import init_runtime, memory_report
+
     rt = init_runtime(args.runtime)
     # Render every prompt before the model loads: a template problem fails fast.
     tok = hf.load_tokenizer(hf.source_hf_dir(args.source))

@@ -10,16 +10,10 @@ import dataclasses
 from pathlib import Path
 
 from post_training import arguments, hf
-from post_training.checkpointing import save_checkpoint
 from post_training.cli import run_entry
 from post_training.config import AUTO
 from post_training.data import load_prompts, render_prompt
-from post_training.generate import stop_token_ids
-from post_training.model_builder import setup_model
-from post_training.quantization.calibration import calibration_samples
-from post_training.quantization.ptq import run_ptq
 from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
-from post_training.runtime import init_runtime, memory_report
 from post_training.utils import UsageError, print_rank_0
 
 GROUPS = ["runtime", "model", "source", "save", "quantize", "prompts", "generate"]
@@ -40,6 +34,13 @@ def main(argv: list[str]) -> int:
     prompts = load_prompts(args.prompts.prompts_file)
     if args.preflight:
         return 0
+    from post_training.checkpointing import save_checkpoint
+    from post_training.generate import stop_token_ids
+    from post_training.model_builder import setup_model
+    from post_training.quantization.calibration import calibration_samples
+    from post_training.quantization.ptq import run_ptq
+    from post_training.runtime import init_runtime, memory_report
+
     rt = init_runtime(args.runtime)
     tok = hf.load_tokenizer(hf.source_hf_dir(args.source))
     samples = calibration_samples(qcfg, tok)  # bad calibration data fails before the model loads

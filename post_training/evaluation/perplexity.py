@@ -10,7 +10,8 @@ through :func:`post_training.generate.stage_forward`, the last stage turns the (
 full-vocab) logits into NLL sums, and the sums travel to every rank (pipeline broadcast, then a
 data-parallel all-reduce), so all ranks return the same numbers.
 
-Zero-shot multiple-choice accuracy (MMLU format) lives in :mod:`post_training.multiple_choice`.
+Inputs (text, windows, questions) are read by :mod:`.inputs`; zero-shot multiple-choice accuracy
+(MMLU format) is :mod:`.mmlu`.
 """
 from __future__ import annotations
 
@@ -21,54 +22,12 @@ import torch
 from megatron.core import parallel_state as ps
 
 from post_training.config import EvalConfig
-from post_training.data import builtin_text, load_dataset, read_user_text, token_chunks
 from post_training.generate import stage_forward
 from post_training.runtime.collectives import last_stage_dp_sum
-from post_training.utils import UsageError
 
 # Cross-entropy is taken over this many positions at a time: a [b, s, V] fp32 copy of 4096 x 49k
 # logits is 0.8 GB per sequence, so slicing keeps the peak near the model's own output.
 CE_SLICE = 1024
-
-
-# ----------------------------------------------------------------------------- text sources
-
-
-def _dataset_text(cfg: EvalConfig) -> str:
-    ds = load_dataset(cfg.dataset, cfg.dataset_split, "--eval-dataset")
-    if cfg.dataset_field not in ds.column_names:
-        raise UsageError(f"--eval-dataset {cfg.dataset!r} has no field {cfg.dataset_field!r} "
-                         f"(--eval-dataset-field); fields: {', '.join(ds.column_names)}")
-    rows = [r for r in ds[cfg.dataset_field] if r is not None]
-    if not all(isinstance(r, str) for r in rows):
-        raise UsageError(f"--eval-dataset field {cfg.dataset_field!r} is not text")
-    # Rows joined by a blank line, as in the usual wikitext perplexity recipe.
-    text = "\n\n".join(r for r in rows if r.strip())
-    if not text:
-        raise UsageError(f"--eval-dataset {cfg.dataset!r} field {cfg.dataset_field!r} has no text")
-    return text
-
-
-def load_eval_text(cfg: EvalConfig) -> str:
-    """The text to evaluate: --eval-text-path, --eval-dataset, or the built-in eval split."""
-    if cfg.text_path:
-        return read_user_text(cfg.text_path, "eval text file")[1]
-    if cfg.dataset:
-        return _dataset_text(cfg)
-    return builtin_text("eval")
-
-
-def eval_windows(text: str, tokenizer, cfg: EvalConfig, seq_length: int) -> list[list[int]]:
-    """The ``seq_length``-token windows to evaluate; a text shorter than one window is a usage
-    error (checked before the model loads, so ``--preflight`` catches it)."""
-    if seq_length < 2:
-        raise UsageError(f"--seq-length must be >= 2 to predict a token (got {seq_length})")
-    windows = token_chunks(text, tokenizer, seq_length, cfg.max_chunks)
-    if not windows:
-        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        raise UsageError(f"eval text from {cfg.source} has {n} tokens, fewer than one "
-                         f"--seq-length window of {seq_length}")
-    return windows
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -135,23 +94,13 @@ def perplexity(model, windows: list[list[int]], micro_batch_size: int = 1) -> Pe
 # ----------------------------------------------------------------------------- the task
 
 
-def prepare_inputs(cfg: EvalConfig, src, seq_length: int):
-    """Token windows and MMLU questions, built before the model loads (bad input fails here)."""
-    from post_training.hf import load_tokenizer, source_hf_dir
-    from post_training.multiple_choice import load_questions
-
-    questions = load_questions(cfg.mmlu_path) if cfg.mmlu_path else None
-    tok = load_tokenizer(source_hf_dir(src))
-    return eval_windows(load_eval_text(cfg), tok, cfg, seq_length), questions
-
-
 def evaluate_model(model, tokenizer, windows: list[list[int]], questions, cfg: EvalConfig,
                    micro_batch_size: int) -> dict:
     """Perplexity of ``windows`` (and accuracy on ``questions``), printed and returned as the
     report evaluate.sh writes with --json-out. Collective."""
     import time
 
-    from post_training.multiple_choice import score
+    from post_training.evaluation.mmlu import score
     from post_training.utils import print_rank_0
 
     t0 = time.perf_counter()

@@ -1,6 +1,8 @@
-"""Zero-shot multiple-choice accuracy on an MMLU-format file, correct at any TP/PP/DP.
+"""What evaluation reads, checked before any model loads (``--preflight`` runs this module
+alone, without megatron-core): the text for perplexity, cut into token windows, and MMLU-format
+questions.
 
-Prompt: the original MMLU / lm-evaluation-harness zero-shot template, raw text (no chat
+MMLU prompt (scored by :mod:`post_training.evaluation.mmlu`): the original MMLU / lm-evaluation-harness zero-shot template, raw text (no chat
 template), tokenized with the tokenizer's own special tokens (its BOS, if it adds one)::
 
     The following are multiple choice questions (with answers) about {subject}.\\n
@@ -31,13 +33,61 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from post_training.data import read_user_text
-from post_training.evaluate import dp_shard
-from post_training.runtime.collectives import last_stage_dp_sum
-from post_training.generate import stage_forward
+from post_training.config import EvalConfig
+from post_training.data import builtin_text, load_dataset, read_user_text, token_chunks
 from post_training.utils import UsageError
+
+# ----------------------------------------------------------------------------- text
+
+
+def _dataset_text(cfg: EvalConfig) -> str:
+    ds = load_dataset(cfg.dataset, cfg.dataset_split, "--eval-dataset")
+    if cfg.dataset_field not in ds.column_names:
+        raise UsageError(f"--eval-dataset {cfg.dataset!r} has no field {cfg.dataset_field!r} "
+                         f"(--eval-dataset-field); fields: {', '.join(ds.column_names)}")
+    rows = [r for r in ds[cfg.dataset_field] if r is not None]
+    if not all(isinstance(r, str) for r in rows):
+        raise UsageError(f"--eval-dataset field {cfg.dataset_field!r} is not text")
+    # Rows joined by a blank line, as in the usual wikitext perplexity recipe.
+    text = "\n\n".join(r for r in rows if r.strip())
+    if not text:
+        raise UsageError(f"--eval-dataset {cfg.dataset!r} field {cfg.dataset_field!r} has no text")
+    return text
+
+
+def load_eval_text(cfg: EvalConfig) -> str:
+    """The text to evaluate: --eval-text-path, --eval-dataset, or the built-in eval split."""
+    if cfg.text_path:
+        return read_user_text(cfg.text_path, "eval text file")[1]
+    if cfg.dataset:
+        return _dataset_text(cfg)
+    return builtin_text("eval")
+
+
+def eval_windows(text: str, tokenizer, cfg: EvalConfig, seq_length: int) -> list[list[int]]:
+    """The ``seq_length``-token windows to evaluate; a text shorter than one window is a usage
+    error (checked before the model loads, so ``--preflight`` catches it)."""
+    if seq_length < 2:
+        raise UsageError(f"--seq-length must be >= 2 to predict a token (got {seq_length})")
+    windows = token_chunks(text, tokenizer, seq_length, cfg.max_chunks)
+    if not windows:
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        raise UsageError(f"eval text from {cfg.source} has {n} tokens, fewer than one "
+                         f"--seq-length window of {seq_length}")
+    return windows
+
+
+def prepare_inputs(cfg: EvalConfig, src, seq_length: int):
+    """Token windows and MMLU questions, built before the model loads (bad input fails here)."""
+    from post_training.hf import load_tokenizer, source_hf_dir
+
+    questions = load_questions(cfg.mmlu_path) if cfg.mmlu_path else None
+    tok = load_tokenizer(source_hf_dir(src))
+    return eval_windows(load_eval_text(cfg), tok, cfg, seq_length), questions
+
+
+
+# ----------------------------------------------------------------------------- MMLU questions
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers){}.\n\n"
@@ -146,50 +196,3 @@ def encode(q: Question, tokenizer) -> tuple[list[int], list[list[int]]]:
             whole = ctx + tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
         conts.append(whole[len(ctx):])
     return ctx, conts
-
-
-@dataclass
-class ChoiceResult:
-    loglik: torch.Tensor  # [questions, 4] fp64 log-likelihood of each answer letter
-    answers: list[int]
-
-    @property
-    def predictions(self) -> list[int]:
-        return self.loglik.argmax(dim=1).tolist()  # argmax returns the first maximum
-
-    @property
-    def correct(self) -> int:
-        return sum(p == a for p, a in zip(self.predictions, self.answers))
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / len(self.answers)
-
-
-@torch.inference_mode()
-def score(model, questions: list[Question], tokenizer, micro_batch_size: int = 1) -> ChoiceResult:
-    """Log-likelihood of each answer letter for each question. Collective: every rank calls it
-    with the same questions and gets the same result. ``micro_batch_size`` questions (4
-    right-padded sequences each; causal attention makes the padding harmless) per forward."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loglik = torch.zeros(len(questions), 4, dtype=torch.float64, device=device)
-    mine = list(dp_shard(len(questions)))
-    for start in range(0, len(mine), micro_batch_size):
-        idx = mine[start:start + micro_batch_size]
-        seqs, spans = [], []
-        for i in idx:
-            ctx, conts = encode(questions[i], tokenizer)
-            for c in conts:
-                seqs.append(ctx + c)
-                spans.append((len(ctx), c))
-        width = max(len(s) for s in seqs)
-        tokens = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-        logits = stage_forward(model, tokens, None)
-        if logits is None:  # not the last stage
-            continue
-        for row, (n_ctx, cont) in enumerate(spans):
-            logp = torch.log_softmax(logits[row, n_ctx - 1:n_ctx - 1 + len(cont)].float(), dim=-1)
-            target = torch.tensor(cont, device=device).unsqueeze(1)
-            loglik[idx[row // 4], row % 4] = logp.gather(1, target).double().sum()
-    return ChoiceResult(loglik=last_stage_dp_sum(loglik), answers=[q.answer for q in questions])

@@ -1,0 +1,84 @@
+"""The flag registry: each flag defined once, defaults from the config dataclasses, the scripts'
+environment variables as defaults, and entry points that parse and preflight without
+megatron-core."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from dist_utils import ROOT, clean_env
+from post_training import arguments, config
+from post_training.utils import UsageError
+
+ENTRIES = ("convert", "evaluate", "export", "generate", "quantize")
+
+
+def test_each_flag_and_field_is_defined_once():
+    flags = [f.flag for g in arguments.GROUPS.values() for f in g.flags]
+    assert len(flags) == len(set(flags))
+    for name, group in arguments.GROUPS.items():
+        fields = {f.name for f in dataclasses.fields(group.cls)}
+        assert {f.field for f in group.flags} <= fields, name
+    # one home per config class: no class serves two groups
+    classes = [g.cls for g in arguments.GROUPS.values()]
+    assert len(classes) == len(set(classes))
+
+
+def test_every_config_field_has_one_home():
+    """Fields that several tasks use live in exactly one dataclass."""
+    homes = {}
+    for cls in (getattr(config, n) for n in dir(config) if n.endswith("Config")):
+        for f in dataclasses.fields(cls):
+            homes.setdefault(f.name, []).append(cls.__name__)
+    for shared in ("seed", "seq_length", "micro_batch_size", "global_batch_size", "max_new_tokens",
+                   "prompts_file", "json_out", "save", "load"):
+        assert len(homes[shared]) == 1, (shared, homes[shared])
+
+
+def test_defaults_come_from_the_dataclasses_and_env_and_overrides():
+    args = arguments.parse([], ["runtime", "model", "generate"], prog="t", env={})
+    assert args.model == config.ModelConfig() and args.generate == config.GenerateConfig()
+    env = {"TP": "3", "MLM_MODEL_SAVE": "/x/save", "HF_MODEL_CKPT": "/x/hf"}
+    args = arguments.parse(["--pretrained-model-path", "/y"], ["runtime", "source", "save"], prog="t", env=env)
+    assert args.runtime.tp == 3 and args.save.save == "/x/save"
+    assert args.source.pretrained_model_path == "/y"  # an explicit flag wins over the env
+    args = arguments.parse(["--bf16"], ["model", "generate"], prog="t", env={},
+                           defaults={"generate.max_new_tokens": 48})
+    assert args.model.dtype == "bf16" and args.generate.max_new_tokens == 48
+    with pytest.raises(UsageError, match="TP='x' is not a valid --tensor-model-parallel-size"):
+        arguments.parse([], ["runtime"], prog="t", env={"TP": "x"})
+    with pytest.raises(UsageError, match="--top-p must be in"):
+        arguments.parse(["--top-p", "0"], ["generate"], prog="t", env={})
+
+
+def test_help_lists_flags_and_environment(capsys):
+    with pytest.raises(SystemExit):
+        arguments.parse(["--help"], ["runtime", "source", "save"], prog="convert.sh", env={})
+    out = capsys.readouterr().out
+    for text in ("--tensor-model-parallel-size", "[env TP]", "--save", "[env MLM_MODEL_SAVE]",
+                 "MLM_EXTRA_ARGS", "NNODES"):
+        assert text in out
+
+
+def test_entry_points_parse_and_preflight_without_megatron(tiny_llama):
+    """Importing an entry point and preflighting its input imports neither megatron-core nor
+    the model code (the launcher runs this before torchrun starts N ranks)."""
+    code = (
+        "import sys\n"
+        f"import post_training.cli.{{m}} as e\n"
+        "try:\n"
+        f"    e.main(['--preflight', '--pretrained-model-path', {str(tiny_llama)!r}] + {{extra}})\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('megatron', 'modelopt', 'post_training.model_builder') if m in sys.modules))\n"
+    )
+    extra = {"export": ["--export-dir", "/tmp/nonexistent-export-dir"], "convert": ["--save", "/tmp/x"],
+             "evaluate": ["--seq-length", "16", "--eval-max-chunks", "1"], "quantize": []}
+    for m in ENTRIES:
+        res = subprocess.run([sys.executable, "-c", code.format(m=m, extra=extra.get(m, []))], cwd=ROOT,
+                             env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        loaded = eval(res.stdout.strip().splitlines()[-1])
+        # quantize resolves its ModelOpt config name in the preflight, and importing ModelOpt's
+        # quantization package imports megatron-core (its plugins); the model code stays out
+        assert loaded == (["megatron", "modelopt"] if m == "quantize" else []), (m, loaded)
