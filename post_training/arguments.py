@@ -156,7 +156,9 @@ GROUPS: dict[str, Group] = {
 
 # Read by scripts/launch.sh itself (not by a flag): listed in every --help.
 LAUNCHER_ENV = {
-    "TP, PP, DP": "tensor / pipeline / data parallel sizes; the script starts TP*PP*DP ranks",
+    "CONF (first argument)": "model conf, default the embedded SmolLM2-135M-Instruct",
+    "TP, PP, DP": "tensor / pipeline / data parallel sizes; the script starts TP*PP*DP ranks "
+                  "(under torchrun: an unset TP takes the world size / (PP*DP))",
     "MLM_EXTRA_ARGS": "more flags, as on the command line",
     "NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT": "multi-node torchrun settings",
 }
@@ -211,7 +213,9 @@ def _add_group(p: argparse.ArgumentParser, name: str, group: Group, overrides: M
         text = fl.help + (f" [env {fl.env}]" if fl.env else "")
         target = g
         if fl.mutex:
-            target = mutex.setdefault(fl.mutex, g.add_mutually_exclusive_group())
+            if fl.mutex not in mutex:
+                mutex[fl.mutex] = g.add_mutually_exclusive_group()
+            target = mutex[fl.mutex]
         if fl.const is not None:
             target.add_argument(fl.flag, dest=dest, action="store_const", const=fl.const, help=text)
             p.set_defaults(**{dest: default})
@@ -222,16 +226,18 @@ def _add_group(p: argparse.ArgumentParser, name: str, group: Group, overrides: M
         else:
             shown = f"{text} (default: {default})" if default is not None else text
             target.add_argument(fl.flag, dest=dest, default=default, type=fl.convert or kind,
-                                choices=fl.choices, help=shown.strip())
+                                choices=fl.choices, metavar=None if fl.choices else fl.field.upper(),
+                                help=shown.strip())
 
 
 def build_parser(groups: Sequence[str], prog: str, description: str | None = None,
-                 defaults: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+                 defaults: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                 script_env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
-    epilog = "environment read by the launch scripts:\n" + "\n".join(
-        f"  {k:<44} {v}" for k, v in LAUNCHER_ENV.items())
-    p = OneLineParser(prog=prog, description=description, epilog=epilog,
+    epilog = "positional arguments and environment of the launch scripts:\n" + "\n".join(
+        f"  {k:<44} {v}" for k, v in {**LAUNCHER_ENV, **(script_env or {})}.items())
+    usage = f"bash scripts/{prog} [CONF] [flags]  (or: torchrun [--nproc-per-node N] scripts/{prog} ...)"
+    p = OneLineParser(prog=prog, usage=usage, description=description, epilog=epilog,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
     for name in groups:
@@ -242,10 +248,11 @@ def build_parser(groups: Sequence[str], prog: str, description: str | None = Non
 
 
 def parse(argv: Sequence[str] | None, groups: Sequence[str], *, prog: str, description: str | None = None,
-          defaults: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> SimpleNamespace:
+          defaults: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+          script_env: Mapping[str, str] | None = None) -> SimpleNamespace:
     """Parse ``argv`` with the flags of ``groups`` into one config per group (validated), plus
     ``preflight`` (set by the launcher: check the input, start nothing)."""
-    ns = build_parser(groups, prog, description, defaults, env).parse_args(argv)
+    ns = build_parser(groups, prog, description, defaults, env, script_env).parse_args(argv)
     raw = vars(ns)
     out = SimpleNamespace(preflight=raw.pop("preflight"))
     for name in groups:

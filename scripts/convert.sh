@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+""":" # bash script; `torchrun scripts/convert.sh` runs it with python, which reads only the last line
 # Two jobs behind one name:
 #   bash scripts/convert.sh [CONF]            HF model (default: the embedded one, or HF_MODEL_CKPT)
 #                                             -> dist checkpoint in MLM_MODEL_SAVE at this run's TP/PP;
@@ -13,3 +14,6 @@ case "${1:-}" in
     exec "$(pt_python)" -m post_training.ckpt "$@" ;;
 esac
 pt_launch post_training.cli.convert "$@"
+exit
+":"""
+import os, sys; os.execvp("bash", ["bash", *sys.argv])  # under torchrun: each rank runs the bash above

@@ -16,6 +16,28 @@ pt_python() {
   if [ -x "$PT_ROOT/.venv/bin/python" ]; then echo "$PT_ROOT/.venv/bin/python"; else command -v python3; fi
 }
 
+# Under a torchrun that was started by the user: TP/PP/DP from the env, an unset TP taking what
+# the world size leaves (torchrun --nproc-per-node 3 scripts/x.sh == TP=3 bash scripts/x.sh);
+# with TP set and DP unset, DP is derived (as Megatron-LM does). A mismatch is one error line.
+pt_layout_from_world() {
+  local world="${WORLD_SIZE:-1}" pp="${PP:-1}" dp="${DP:-1}" msg=""
+  if [ -z "${TP:-}" ]; then
+    if (( world % (pp * dp) )); then
+      msg="torchrun started $world ranks, not divisible by PP*DP = $pp*$dp"
+    else
+      export TP=$((world / (pp * dp)))
+    fi
+  elif [ -n "${DP:-}" ] && (( world != TP * pp * dp )); then
+    msg="torchrun started $world ranks but TP*PP*DP = $TP*$pp*$dp = $((TP * pp * dp))"
+  elif (( world % (TP * pp) )); then
+    msg="torchrun started $world ranks, not divisible by TP*PP = $TP*$pp"
+  fi
+  if [ -n "$msg" ]; then
+    [ "${RANK:-0}" = 0 ] && echo "error: $msg" >&2
+    return 2
+  fi
+}
+
 pt_launch() {
   local module="$1"; shift
   local conf="$PT_DEFAULT_CONF"
@@ -38,6 +60,7 @@ pt_launch() {
   export PYTHONPATH="$PT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
   if [ -n "${RANK:-}" ] && [ -n "${LOCAL_RANK:-}" ]; then
+    pt_layout_from_world || return $?
     exec "$py" -m "$module" "${args[@]}"
   fi
   local world=$((tp * pp * dp))

@@ -22,7 +22,8 @@ DEFAULTS = {"generate.max_new_tokens": 48}  # short answers: they are there to c
 
 def main(argv: list[str]) -> int:
     args = arguments.parse(argv, GROUPS, prog="quantize.sh", defaults=DEFAULTS,
-                           description="post-training quantization with ModelOpt; answers before/after")
+                           description="post-training quantization with ModelOpt; answers before/after",
+                           script_env={"QUANT_CFG (second argument)": "format, as --export-quant-cfg"})
     qcfg = args.quantize
     hf.check_source(args.source, args.runtime)
     resolve_quant_cfg(qcfg.quant_cfg, qcfg.kv_cache_quant)
