@@ -98,6 +98,7 @@ GROUPS: dict[str, Group] = {
     )),
     "report": Group(C.ReportConfig, "report", (
         Flag("--json-out", "json_out", "also write the results as json here"),
+        Flag("--verbose", "verbose", "print upstream's full tables (ModelOpt's per-quantizer summary)"),
     )),
     "generate": Group(C.GenerateConfig, "generation", (
         Flag("--max-new-tokens", "max_new_tokens"),
@@ -109,8 +110,8 @@ GROUPS: dict[str, Group] = {
         Flag("--export-quant-cfg", "quant_cfg", "ModelOpt config name, yaml/json recipe, or auto "
              "(quantize.sh's second positional argument, or QUANT_CFG)"),
         Flag("--export-kv-cache-quant", "kv_cache_quant", choices=C.KV_CACHE_FORMATS),
-        Flag("--calib-dataset", "calib_dataset", "'builtin' (offline text), a datasets hub name, or a "
-             "jsonl/json/parquet/txt file"),
+        Flag("--calib-dataset", "calib_dataset", "'builtin' (offline text), 'builtin-chat' (built-in "
+             "chats), a datasets hub name, or a jsonl/json/parquet/txt file"),
         Flag("--calib-dataset-split", "calib_split"),
         Flag("--calib-dataset-field", "calib_field", "text or chat-messages field (default: messages, "
              "conversations or text)"),
@@ -123,6 +124,8 @@ GROUPS: dict[str, Group] = {
         Flag("--auto-quantize-method", "auto_method", choices=C.AUTO_METHODS),
         Flag("--auto-quantize-score-size", "auto_score_size", "calibration samples used to score "
              "layer sensitivity"),
+        Flag("--ppl-windows", "ppl_windows", "512-token windows of the built-in eval text scored "
+             "before and after (0: skip)"),
     )),
     "eval": Group(C.EvalConfig, "evaluation", (
         Flag("--eval-text-path", "text_path", "plain UTF-8 text file to evaluate"),

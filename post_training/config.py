@@ -25,7 +25,8 @@ STRICTNESS = ("raise_all", "log_all")
 KV_CACHE_FORMATS = ("none", "fp8", "fp8_affine", "nvfp4", "nvfp4_affine", "nvfp4_rotate")
 AUTO = "auto"  # QuantizeConfig.quant_cfg: per-layer format search (mtq.auto_quantize)
 AUTO_METHODS = ("gradient", "kl_div")
-BUILTIN = "builtin"  # QuantizeConfig.calib_dataset: the built-in offline text
+BUILTIN = "builtin"  # QuantizeConfig.calib_dataset: the built-in offline text (Python docs)
+BUILTIN_CHAT = "builtin-chat"  # the built-in chat set (resources/chat_calibration.jsonl)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # 5GB, as huggingface_hub counts
 
@@ -144,6 +145,7 @@ class ReportConfig:
     """Machine-readable output of a task."""
 
     json_out: str | None = None
+    verbose: bool = False  # print upstream's full tables (e.g. ModelOpt's per-quantizer summary)
 
     def __post_init__(self) -> None:
         _check([(self.json_out is None or Path(self.json_out).resolve().parent.is_dir(),
@@ -175,7 +177,7 @@ class QuantizeConfig:
 
     quant_cfg: str = "FP8_DEFAULT_CFG"  # a ModelOpt config name, a .yaml/.yml/.json recipe, or auto
     kv_cache_quant: str = "none"
-    calib_dataset: str = BUILTIN  # builtin, a datasets hub name, or a local file
+    calib_dataset: str = BUILTIN  # builtin, builtin-chat, a datasets hub name, or a local file
     calib_split: str = "train"
     calib_field: str | None = None  # default: messages, conversations or text
     calib_size: int = 32  # samples of calib_seq_length tokens
@@ -184,6 +186,7 @@ class QuantizeConfig:
     auto_formats: str = "FP8_DEFAULT_CFG,INT4_AWQ_CFG"  # candidates; "no quantization" is implied
     auto_method: str = "gradient"
     auto_score_size: int = 16  # samples used to score layer sensitivity (calibration uses all)
+    ppl_windows: int = 8  # 512-token windows of the built-in eval text scored before and after
 
     def __post_init__(self) -> None:
         if self.quant_cfg == AUTO:
@@ -201,6 +204,7 @@ class QuantizeConfig:
              f"--export-kv-cache-quant must be one of {', '.join(KV_CACHE_FORMATS)} (got {self.kv_cache_quant!r})"),
             (self.calib_size >= 1 and self.calib_seq_length >= 2,
              "--calib-size must be >= 1 and --calib-seq-length >= 2"),
+            (self.ppl_windows >= 0, f"--ppl-windows must be >= 0 (got {self.ppl_windows})"),
         ])
 
 

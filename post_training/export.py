@@ -36,7 +36,7 @@ import torch.distributed as dist
 from post_training.config import ExportConfig
 from post_training.io.export_files import commit, finalize, new_staging_dir
 from post_training.runtime import Runtime
-from post_training.runtime.collectives import broadcast_object, rank0_then_share
+from post_training.runtime.collectives import broadcast_object, gather_objects, rank0_then_share
 from post_training.utils import UsageError, print_rank_0, rank, unwrap
 
 # Weight formats GPTModelExporter.save_pretrained names in hf_quant_config.json (ModelOpt 0.47).
@@ -123,10 +123,8 @@ def export_problem(weights: set[str], kv: set[str], tp: int) -> str | None:
 def check_exportable(model, rt: Runtime) -> set[str]:
     """Refuse, on every rank alike, what ModelOpt cannot export correctly. Returns the formats."""
     weights, kv = quantization_formats(model)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box: list = [None] * dist.get_world_size()
-        dist.all_gather_object(box, (weights, kv))  # PP stages see different layers
-        weights, kv = set().union(*(b[0] for b in box)), set().union(*(b[1] for b in box))
+    box = gather_objects((weights, kv))  # PP stages see different layers
+    weights, kv = set().union(*(b[0] for b in box)), set().union(*(b[1] for b in box))
     problem = export_problem(weights, kv, rt.tp)
     if problem:
         raise UsageError(problem)

@@ -7,17 +7,45 @@ with the ModelOpt state that every other script reloads at any TP/PP.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from post_training import arguments, hf
 from post_training.cli import run_entry
 from post_training.config import AUTO
-from post_training.data import load_prompts, render_prompt
+from post_training.data import builtin_text, load_prompts, render_prompt, token_chunks
 from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
-from post_training.utils import UsageError, print_rank_0
+from post_training.utils import UsageError, print_rank_0, rank
 
-GROUPS = ["runtime", "model", "source", "save", "quantize", "prompts", "generate"]
+GROUPS = ["runtime", "model", "source", "save", "quantize", "prompts", "generate", "report"]
 DEFAULTS = {"generate.max_new_tokens": 48}  # short answers: they are there to compare
+PPL_WINDOW = 512  # tokens per perplexity window (before / after)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _report(args, res, n_samples: int, saved: str | None) -> list[str]:
+    """The closing table: quality, size, time, where the checkpoint is and what to run next."""
+    q = args.quantize
+    lines = ["", f"| {q.quant_cfg} | before | after |", "|---|---|---|"]
+    if res.ppl_before is not None:
+        delta = 100 * (res.ppl_after / res.ppl_before - 1)
+        lines.append(f"| perplexity, built-in eval text ({q.ppl_windows} x {PPL_WINDOW} tokens) "
+                     f"| {res.ppl_before:.3f} | {res.ppl_after:.3f} ({delta:+.1f}%) |")
+    lines.append(f"| weights (scales of blocks included) | {_mb(res.bytes_plain)} | "
+                 f"{_mb(res.bytes_quantized)} ({res.bytes_quantized / res.bytes_plain:.0%}) |")
+    lines.append(f"calibration: {n_samples} x {q.calib_seq_length} tokens ({q.calib_dataset}), "
+                 f"quantized in {res.seconds:.1f}s")
+    if saved:
+        lines += [f"checkpoint: {saved}", "next:",
+                  f"  MLM_MODEL_CKPT={saved} EXPORT_DIR={saved}-hf bash scripts/export.sh",
+                  f"  MLM_MODEL_CKPT={saved} bash scripts/evaluate.sh",
+                  f"  MLM_MODEL_CKPT={saved} bash scripts/generate.sh"]
+    else:
+        lines.append("checkpoint: not saved (set MLM_MODEL_SAVE or pass --save)")
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -40,11 +68,13 @@ def main(argv: list[str]) -> int:
     from post_training.model_builder import setup_model
     from post_training.quantization.calibration import calibration_samples
     from post_training.quantization.ptq import run_ptq
+    from post_training.quantization.report import full_table
     from post_training.runtime import init_runtime, memory_report
 
     rt = init_runtime(args.runtime)
     tok = hf.load_tokenizer(hf.source_hf_dir(args.source))
     samples = calibration_samples(qcfg, tok)  # bad calibration data fails before the model loads
+    windows = token_chunks(builtin_text("eval"), tok, PPL_WINDOW, qcfg.ppl_windows) if qcfg.ppl_windows else None
     rendered = [render_prompt(p, tok, chat_template=args.prompts.chat_template) for p in prompts]
     # auto-quantize scores layers with gradients, so its model is not frozen
     model, tok, hf_config = setup_model(args.source, args.model, rt, inference=qcfg.quant_cfg != AUTO)
@@ -53,13 +83,34 @@ def main(argv: list[str]) -> int:
     def save(quantized) -> None:
         save_checkpoint(quantized, rt, args.save.save, None, hf_dir=Path(hf_config.name_or_path),
                         model_conf=args.source.model_conf, keep_last=args.save.keep_last)
+        if rt.tp_rank == 0 and ps_dp_rank() == 0:  # ModelOpt's full table, one file per stage
+            name = "quant_summary.txt" if rt.pp == 1 else f"quant_summary.pp{rt.pp_rank}.txt"
+            (Path(args.save.save) / name).write_text(full_table(quantized))
 
-    res = run_ptq(model, tok, qcfg, samples, rendered, gcfg, rt, save=save if args.save.save else None)
+    res = run_ptq(model, tok, qcfg, samples, rendered, gcfg, rt, save=save if args.save.save else None,
+                  eval_windows=windows, verbose=args.report.verbose)
     for i, (p, a, b) in enumerate(zip(prompts, res.before, res.after)):
-        print_rank_0(f"===== PROMPT {i} =====\n{p}\n----- before -----\n{a}\n----- after -----\n{b}\n"
-                     f"===== END {i} =====")
-    print_rank_0(memory_report("memory"))
+        print_rank_0(f"===== PROMPT {i} =====\n{p}\n----- before -----\n{a.strip()}\n----- after -----\n"
+                     f"{b.strip()}\n===== END {i} =====")
+    print_rank_0("\n".join(_report(args, res, len(samples), args.save.save)))
+    if args.report.verbose:
+        print_rank_0(memory_report("memory"))
+    if args.report.json_out and rank() == 0:
+        Path(args.report.json_out).write_text(json.dumps({
+            "quant_cfg": qcfg.quant_cfg, "calib_dataset": qcfg.calib_dataset, "calib_samples": len(samples),
+            "calib_seq_length": qcfg.calib_seq_length, "seconds": res.seconds,
+            "perplexity_before": res.ppl_before, "perplexity_after": res.ppl_after,
+            "weight_bytes": res.bytes_quantized, "weight_bytes_unquantized": res.bytes_plain,
+            "checkpoint": args.save.save,
+            "answers": [{"prompt": p, "before": a, "after": b} for p, a, b in zip(prompts, res.before, res.after)],
+        }, indent=1, ensure_ascii=False))
     return 0
+
+
+def ps_dp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
 
 
 def cli_main() -> None:

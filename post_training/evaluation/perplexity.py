@@ -73,15 +73,20 @@ def dp_shard(n: int) -> range:
 
 
 @torch.inference_mode()
-def perplexity(model, windows: list[list[int]], micro_batch_size: int = 1) -> PerplexityResult:
+def perplexity(model, windows: list[list[int]], micro_batch_size: int = 1,
+               progress: bool = False) -> PerplexityResult:
     """Mean token NLL and perplexity of ``windows`` (equal-length token lists). Collective: every
-    rank of the job calls it with the same windows and gets the same result."""
+    rank of the job calls it with the same windows and gets the same result. ``progress`` shows
+    a progress bar (pass it on one rank)."""
+    from tqdm import tqdm
+
     if not windows or len({len(w) for w in windows}) != 1 or len(windows[0]) < 2:
         raise ValueError("perplexity needs equal-length windows of at least 2 tokens")
     device = next(model.parameters()).device
     mine = [windows[i] for i in dp_shard(len(windows))]
     nll = 0.0
-    for start in range(0, len(mine), micro_batch_size):
+    for start in tqdm(range(0, len(mine), micro_batch_size), desc="evaluating", disable=not progress,
+                      leave=False):
         tokens = torch.tensor(mine[start:start + micro_batch_size], dtype=torch.long, device=device)
         logits = stage_forward(model, tokens, None)
         if logits is not None:  # last stage
@@ -101,10 +106,10 @@ def evaluate_model(model, tokenizer, windows: list[list[int]], questions, cfg: E
     import time
 
     from post_training.evaluation.mmlu import score
-    from post_training.utils import print_rank_0
+    from post_training.utils import print_rank_0, rank
 
     t0 = time.perf_counter()
-    res = perplexity(model, windows, micro_batch_size)
+    res = perplexity(model, windows, micro_batch_size, progress=rank() == 0)
     print_rank_0(f"{res.chunks} windows x {len(windows[0])} tokens ({res.tokens} predicted) from "
                  f"{cfg.source}: nll {res.nll:.6f}")
     out = {"perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens, "chunks": res.chunks,

@@ -2,13 +2,18 @@
 (chat datasets rendered with the model's chat template), and the loop ModelOpt calls."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from post_training.config import BUILTIN, QuantizeConfig
+from post_training.config import BUILTIN, BUILTIN_CHAT, QuantizeConfig
 from post_training.data import builtin_text, load_dataset, token_chunks
 from post_training.utils import UsageError
+
+# Questions written for this project, answered by the embedded model itself (made by
+# examples/data/make_chat_calibration.py; nothing from MT-Bench).
+CHAT_SET = Path(__file__).resolve().parents[1] / "resources" / "chat_calibration.jsonl"
 
 
 def _sample_text(row: dict, field: str | None, tokenizer) -> str:
@@ -30,7 +35,8 @@ def calibration_samples(qcfg: QuantizeConfig, tokenizer) -> list[list[int]]:
     if qcfg.calib_dataset == BUILTIN:
         text = builtin_text("calib")
     else:
-        ds = load_dataset(qcfg.calib_dataset, qcfg.calib_split, "calibration dataset")
+        spec = str(CHAT_SET) if qcfg.calib_dataset == BUILTIN_CHAT else qcfg.calib_dataset
+        ds = load_dataset(spec, qcfg.calib_split, "calibration dataset")
         if len(ds) == 0:
             raise UsageError(f"calibration dataset {qcfg.calib_dataset} has no rows")
         need = qcfg.calib_size * qcfg.calib_seq_length
@@ -59,7 +65,7 @@ def forward_loop(samples: list[list[int]], forward: Callable[[Any, torch.Tensor]
     def loop(model) -> None:
         device = next(model.parameters()).device
         with torch.no_grad():
-            for ids in tqdm(samples, desc="calibrating", disable=not progress):
+            for ids in tqdm(samples, desc="calibrating", disable=not progress, leave=False):
                 forward(model, torch.tensor([ids], device=device))
 
     return loop

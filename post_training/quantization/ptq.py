@@ -16,6 +16,7 @@ from post_training.generate import generate, stage_forward
 from post_training.quantization.calibration import forward_loop
 from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
 from post_training.runtime import Runtime
+from post_training.runtime.collectives import gather_objects
 from post_training.utils import print_rank_0, rank
 
 
@@ -104,15 +105,20 @@ def calibrate_and_quantize(model, qcfg: QuantizeConfig, samples: list[list[int]]
     return quantize(model, quant_cfg, forward_loop(samples, _stage_logits, progress=rank() == 0))
 
 
-def print_quant_summary(model, rt: Runtime) -> None:
-    """ModelOpt's per-quantizer summary, one pipeline stage after the other (TP rank 0)."""
-    import modelopt.torch.quantization as mtq
+def print_quant_summary(model, rt: Runtime, verbose: bool = False) -> None:
+    """The condensed summary (rank 0), or with ``verbose`` ModelOpt's per-quantizer table, one
+    pipeline stage after the other (TP rank 0). Collective."""
     import torch.distributed as dist
 
+    from post_training.quantization.report import full_table, model_summary_lines
+
+    if not verbose:
+        print_rank_0("\n".join(model_summary_lines(model)))
+        return
     for stage in range(rt.pp):
         if rt.pp_rank == stage and rt.tp_rank == 0:
             print(f"quantization summary (PP stage {stage}, TP rank 0 of {rt.tp}):", flush=True)
-            mtq.print_quant_summary(model)
+            print(full_table(model), end="", flush=True)
         if dist.is_initialized():
             dist.barrier()
 
@@ -123,29 +129,50 @@ class PTQResult:
     seconds: float  # calibration and quantization
     before: list[str]  # answers to the prompts before quantization
     after: list[str]  # and after
+    ppl_before: float | None = None  # perplexity on the built-in eval windows (None: not measured)
+    ppl_after: float | None = None
+    bytes_quantized: int = 0  # weights at their target formats, whole model
+    bytes_plain: int = 0
+
+
+def _model_weight_bytes(model) -> tuple[int, int]:
+    """:func:`report.weight_bytes` summed over TP ranks and PP stages (one DP replica). Collective."""
+    from megatron.core import parallel_state as ps
+
+    from post_training.quantization.report import weight_bytes
+
+    mine = (ps.get_data_parallel_rank(), *weight_bytes(model))
+    parts = [p for p in gather_objects(mine) if p[0] == 0]
+    return sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
 def run_ptq(model, tokenizer, qcfg: QuantizeConfig, samples: list[list[int]], prompts: list[list[int]],
-            gcfg: GenerateConfig, rt: Runtime, save: Callable[[Any], None] | None = None) -> PTQResult:
-    """The PTQ task: answer ``prompts`` (token ids), quantize, print the summary, ``save`` the
-    quantized model (original weights + quantizer state: what export and reloads expect), then
-    answer again. Collective."""
+            gcfg: GenerateConfig, rt: Runtime, save: Callable[[Any], None] | None = None,
+            eval_windows: list[list[int]] | None = None, verbose: bool = False) -> PTQResult:
+    """The PTQ task: answer ``prompts`` (token ids) and score ``eval_windows``, quantize, print
+    the summary, ``save`` the quantized model (original weights + quantizer state: what export
+    and reloads expect), then answer and score again. Collective."""
     import modelopt.torch.quantization as mtq
+
+    from post_training.evaluation.perplexity import perplexity
 
     def answers() -> list[str]:
         return [tokenizer.decode([t for t in generate(model, ids, gcfg) if t not in gcfg.stop_token_ids])
                 for ids in prompts]
 
-    before = answers()
+    def ppl() -> float | None:
+        return perplexity(model, eval_windows, progress=rank() == 0).perplexity if eval_windows else None
+
+    before, ppl_before = answers(), ppl()
     t0 = time.perf_counter()
     model = calibrate_and_quantize(model, qcfg, samples)
     seconds = time.perf_counter() - t0
-    print_quant_summary(model, rt)
-    print_rank_0(f"quantized with {qcfg.quant_cfg} (KV cache: {qcfg.kv_cache_quant}) on "
-                 f"{len(samples)} x {qcfg.calib_seq_length} calibration tokens in {seconds:.1f}s")
+    print_quant_summary(model, rt, verbose)
     if save is not None:
         save(model)
+    quantized, plain = _model_weight_bytes(model)
     # Fake-quantizing every weight at every decode step is the slow part of CPU generation;
     # folding applies the weight quantizers once (same outputs) for the answers below.
     mtq.fold_weight(model)
-    return PTQResult(model=model, seconds=seconds, before=before, after=answers())
+    return PTQResult(model=model, seconds=seconds, before=before, after=answers(), ppl_before=ppl_before,
+                     ppl_after=ppl(), bytes_quantized=quantized, bytes_plain=plain)

@@ -67,6 +67,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's picklable ``obj``, in rank order, on every rank."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def rank0_then_share(fn: Callable[[], T]) -> T | None:
     """Run ``fn`` on global rank 0 only and make every rank fail alike when it fails, so no rank
     is left waiting in a later collective: a UsageError arrives as itself, anything else as a
@@ -86,5 +95,5 @@ def rank0_then_share(fn: Callable[[], T]) -> T | None:
     return result
 
 
-__all__ = ["broadcast_from_last_stage", "broadcast_object", "comm_device", "dp_sum",
+__all__ = ["broadcast_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
            "last_stage_dp_sum", "rank0_then_share"]
