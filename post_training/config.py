@@ -72,9 +72,9 @@ class ModelConfig:
 
     @property
     def torch_dtype(self):
-        import torch
+        from post_training.io.formats import DTYPES  # torch: imported on use, not with the flags
 
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        return DTYPES[self.dtype]
 
 
 @dataclass(kw_only=True)

@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 
 from post_training.config import ExportConfig
-from post_training.io.export_files import commit, finalize, new_staging_dir
+from post_training.io.atomic import check_output_dir, commit, new_staging_dir
+from post_training.io.formats import dtype_name
+from post_training.io.hf_files import finalize
 from post_training.runtime import Runtime
 from post_training.runtime.collectives import broadcast_object, gather_objects, rank0_then_share
 from post_training.utils import UsageError, print_rank_0, rank, unwrap
@@ -220,7 +222,8 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
 
         def _finish() -> None:
             info["shards"], info["bytes"] = finalize(staging, dtype, cfg.max_shard_size)
-            commit(staging, out, cfg.overwrite)
+            check_output_dir(out, cfg.overwrite, "export dir")  # it may have been filled since --preflight
+            commit(staging, out)
 
         rank0_then_share(_finish)
     finally:
@@ -230,7 +233,7 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
             shutil.rmtree(staging, ignore_errors=True)
     if info:
         print_rank_0(f"exported {out}: {info['bytes'] / 1e6:.1f} MB in {info['shards']} shard(s), "
-                     f"{str(dtype).removeprefix('torch.')}, quantization: "
+                     f"{dtype_name(dtype)}, quantization: "
                      f"{', '.join(sorted(formats)) or 'none'}, TP={rt.tp} PP={rt.pp}, "
                      f"{time.perf_counter() - t0:.1f}s")
     return out

@@ -84,14 +84,7 @@ def tiny_llama(tiny_dirs) -> Path:
 def runtime():
     """One in-process TP=1 runtime shared by the in-process tests."""
     from post_training.runtime import ParallelConfig, init_runtime
+    from post_training.utils import free_port
 
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     return init_runtime(ParallelConfig(device="cpu"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

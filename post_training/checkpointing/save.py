@@ -8,7 +8,6 @@ optimizer / scheduler / RNG when given. The files on disk (tracker, record, atom
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from post_training import __version__
 from post_training.checkpointing.load import model_sharded_state_dict, rng_sharded_object, rng_state
 from post_training.config import EMBEDDED_MODEL
 from post_training.io import layout as cio
+from post_training.io.atomic import staged_dir
+from post_training.io.hf_files import copy_aux_files
 from post_training.runtime import Runtime
 from post_training.runtime.collectives import broadcast_object
 from post_training.utils import print_rank_0, rank, unwrap
@@ -54,13 +55,8 @@ def _save_hf_config(hf_dir: Path | None, root: Path) -> None:
     dest = root / cio.HF_CONFIG_DIR
     if hf_dir is None or dest.is_dir() or Path(hf_dir).resolve() == dest.resolve():
         return
-    tmp = cio.new_staging_dir(root, "release")
-    tmp.mkdir()
-    for p in Path(hf_dir).iterdir():
-        if p.is_file() and not p.name.endswith((".safetensors", ".bin", ".pt", ".gguf")) \
-                and p.name != "model.safetensors.index.json":
-            shutil.copy2(p, tmp / p.name)
-    shutil.move(str(tmp), str(dest))
+    with staged_dir(dest, overwrite=False) as tmp:
+        copy_aux_files(Path(hf_dir), tmp)
 
 
 def save_checkpoint(model, rt: Runtime, save_dir: str | Path, iteration: int | None, *,
@@ -117,8 +113,7 @@ def save_checkpoint(model, rt: Runtime, save_dir: str | Path, iteration: int | N
             "libraries": _library_versions(),
         }
         cio.write_meta(staging, meta)
-        cio.fsync_tree(staging)
-        final = cio.commit(staging, root, iteration)
+        final = cio.commit(staging, root, iteration)  # fsyncs, renames, then moves the tracker
         if keep_last:
             for p in cio.rotate(root, keep_last):
                 print_rank_0(f"removed old checkpoint {p.name} (keep last {keep_last})")

@@ -13,26 +13,26 @@ megatron-core owns ``metadata.json`` inside the checkpoint (it reads it back int
 and rejects unknown keys), so our human-readable record is ``toolkit_meta.json``.
 
 A save goes to a hidden sibling ``.iter_0000100.tmp-<id>``; it is fsynced and renamed into
-place, and the tracker is replaced (write, fsync, rename) last. A process killed at any
-point leaves the previous checkpoint and tracker untouched.
+place, and the tracker is replaced (write, fsync, rename) last, all by :mod:`.atomic`. A process
+killed at any point leaves the previous checkpoint and tracker untouched.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
+from post_training.io import atomic
+from post_training.io.formats import sha256_file
 from post_training.utils import UsageError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "toolkit_meta.json"
 HF_CONFIG_DIR = "hf_config"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-_STAGING_RE = re.compile(r"^\.(iter_\d{7}|release)\.tmp-[0-9a-f]+$")
+_STAGED = r"iter_\d{7}|release"  # the targets whose staging siblings a save removes
 
 
 def iter_dir_name(iteration: int | None) -> str:
@@ -84,41 +84,13 @@ def checkpoint_root(iter_dir: Path) -> Path:
 
 
 def new_staging_dir(root: Path, name: str) -> Path:
-    return root / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
+    """The staging path (not created) of iteration directory ``name``."""
+    return atomic.staging_path(root / name)
 
 
 def remove_stale_staging(root: Path, keep: Path | None = None) -> list[Path]:
     """Remove leftovers of saves that never committed (killed processes)."""
-    removed = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p != keep and _STAGING_RE.match(p.name):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
-def _fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return atomic.remove_debris(root, _STAGED, keep)
 
 
 def file_records(root: Path) -> dict[str, dict]:
@@ -165,25 +137,15 @@ def verify_files(iter_dir: Path, meta: dict, hashes: bool = True) -> None:
 
 def write_tracker(root: Path, iteration: int | None) -> None:
     tmp = root / (TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("release" if iteration is None else str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / TRACKER)
-    _fsync_path(root)
+    tmp.write_text("release" if iteration is None else str(iteration))
+    atomic.commit(tmp, root / TRACKER)
 
 
 def commit(staging: Path, root: Path, iteration: int | None) -> Path:
-    """Move a finished, fsynced save into place, then point the tracker at it."""
+    """Move a finished save into place (fsynced; re-saving an iteration swaps, never deletes
+    first), then point the tracker at it."""
     final = root / iter_dir_name(iteration)
-    if final.exists():  # re-saving the same iteration: swap, never delete first
-        old = root / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    _fsync_path(root)
+    atomic.commit(staging, final)
     write_tracker(root, iteration)
     return final
 

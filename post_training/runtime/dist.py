@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +11,7 @@ import torch.distributed as dist
 
 from post_training.config import ParallelConfig
 from post_training.runtime import cpu_compat, fastpath
-from post_training.utils import UsageError
+from post_training.utils import UsageError, free_port
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -57,12 +56,6 @@ class Runtime:
 _RUNTIME: Runtime | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("CUDA was requested (--device cuda) but torch.cuda.is_available() is False")
@@ -85,7 +78,7 @@ def init_runtime(cfg: ParallelConfig) -> Runtime:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
 

@@ -11,5 +11,5 @@ Commands (one module each, registered in :mod:`post_training.checkpointing.tools
 - ``to-gguf``         write a GGUF file (f16 / q8_0) from a Llama-family checkpoint
 
 Every command writes into a hidden staging directory beside the output and renames it into
-place when done (:mod:`post_training.checkpointing.tools.outdir`), so a failure never leaves a partial output.
+place when done (:mod:`post_training.io.atomic`), so a failure never leaves a partial output.
 """

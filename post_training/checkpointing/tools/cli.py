@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from post_training.cli import run_entry
+from post_training.utils import run_main
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,4 +50,4 @@ def main(argv: list[str]) -> int:
 
 
 def cli_main() -> None:
-    run_entry(main)
+    run_main(main)

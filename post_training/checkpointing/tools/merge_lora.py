@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from post_training.checkpointing.tools.to_safetensors import (BIN_INDEX, DTYPES, EMBED_SUFFIXES, SAFE_INDEX, ShardWriter,
-                                               copy_aux_files, index_files, load_torch_file, read_config,
-                                               read_json, seal, torch_dtype, untie_shared, update_config)
+from post_training.checkpointing.tools.to_safetensors import (BIN_INDEX, EMBED_SUFFIXES, index_files,
+                                                              load_torch_file, read_config, read_json,
+                                                              untie_shared)
+from post_training.io.formats import DTYPES
+from post_training.io.safetensors_io import INDEX
 from post_training.utils import UsageError, warn_rank_0
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors/.bin); "
                              "omit it (or repeat BASE) when BASE is a dist checkpoint with LoRA adapters")
     parser.add_argument("output", metavar="OUT", help="output HF directory (safetensors, the base's sharding)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="keep",
+    parser.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
                         help="dtype of the floating-point output tensors (default: each base tensor's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
@@ -175,7 +177,7 @@ def base_files(base: Path) -> list[Path]:
         method = (cfg.get("quantization_config") or {}).get("quant_method", "see hf_quant_config.json")
         raise UsageError(f"BASE {base} is quantized ({method}): a LoRA update cannot be added to quantized "
                          "weights without changing them; dequantize the base, merge, requantize instead")
-    for index in (SAFE_INDEX, BIN_INDEX):
+    for index in (INDEX, BIN_INDEX):
         if (base / index).is_file():
             return index_files(base / index)
     for single in ("model.safetensors", "pytorch_model.bin"):
@@ -338,7 +340,11 @@ def merge_dist(ckpt: Path, out: Path, dtype: str, overwrite: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from post_training.checkpointing.tools.outdir import check_output, staged_output
+    from post_training.checkpointing.tools.safe_load import write_sha256sums
+    from post_training.io.atomic import check_output_dir, staged_dir
+    from post_training.io.formats import torch_dtype
+    from post_training.io.hf_files import copy_aux_files, update_config
+    from post_training.io.safetensors_io import ShardWriter
 
     base = Path(args.base)
     if args.adapter is None or Path(args.adapter).resolve() == base.resolve():
@@ -346,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     if Path(args.output).resolve() in (base.resolve(), adapter.resolve()):
         raise UsageError("OUT must not be BASE or ADAPTER itself")
-    check_output(args.output, args.overwrite)  # refuse before reading any weights
+    check_output_dir(args.output, args.overwrite)  # refuse before reading any weights
     files = base_files(base)
     if not adapter.is_dir():
         raise UsageError(f"ADAPTER {adapter} is not a directory")
@@ -359,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, updates, full, shapes, base_cfg)
     dtype = torch_dtype(args.dtype)
 
-    with staged_output(args.output, args.overwrite) as root:
+    with staged_dir(args.output, args.overwrite) as root:
         writer = ShardWriter(root)
         for f in files:  # one base shard in memory at a time
             for key, t in load_shard(f, tied).items():
@@ -374,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         names = writer.finish()
         copy_aux_files(base, root)
         update_config(root, dtype, **({"tie_word_embeddings": False} if plan.untie else {}))
-        seal(root)
+        write_sha256sums(root)
     print(f"merged {len(plan.updates)} LoRA update(s) and {len(plan.replace)} saved tensor(s) from {adapter} "
           f"into {base}: {len(names)} file(s) in {args.output}" + ("; lm_head untied" if plan.untie else ""))
     return 0

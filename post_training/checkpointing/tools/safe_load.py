@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from post_training.io.layout import sha256_file
+from post_training.io.formats import sha256_file
 from post_training.utils import UsageError, warn_rank_0
 
 

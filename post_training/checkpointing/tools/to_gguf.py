@@ -259,7 +259,7 @@ class GGUFSummary:
 
 def write_gguf(hf_dir: Path, out_path: Path, out_type: str, model_name: str | None = None) -> GGUFSummary:
     """Convert the HF directory ``hf_dir`` into the GGUF file ``out_path`` (written in place:
-    callers stage it, see ``outdir.staged_file``)."""
+    callers stage it, see ``post_training.io.atomic.staged_file``)."""
     import gguf
     import numpy as np
     from safetensors import safe_open
@@ -347,7 +347,7 @@ def hf_source(ckpt: Path, scratch: Path) -> Iterator[tuple[Path, str | None]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from post_training.checkpointing.tools.outdir import staged_file
+    from post_training.io.atomic import staged_file
 
     out = Path(args.out)
     with staged_file(out, args.overwrite) as tmp:  # refuses an existing OUT before any work

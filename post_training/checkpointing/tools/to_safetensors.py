@@ -10,32 +10,29 @@ shard metadata under ``shared`` (``{copy: original}``), so every key still loads
 Every written file is read back with safetensors' reader and compared bitwise with what was meant
 to be written, then listed in ``SHA256SUMS``.
 
-The shard writer and the output helpers here are shared with ``merge-lora``.
+Shards are written by :mod:`post_training.io.safetensors_io`; the state-dict helpers here are
+shared with ``merge-lora``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from post_training.io.formats import DTYPES
+from post_training.io.safetensors_io import INDEX
 from post_training.utils import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Wrapper keys of training checkpoints (Lightning, plain training loops, Megatron, DeepSpeed).
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _TORCH_SUFFIXES = (".pt", ".bin", ".pth")
-# Files of an HF directory that are weights (of any format) or their indexes: never copied.
-_WEIGHT_FILE = re.compile(r".*\.(bin|pt|pth|safetensors|gguf|h5|msgpack|ckpt|onnx)$|.*\.index\.json$|SHA256SUMS$")
 # torch.save's legacy (pre-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 # Input-embedding names an untied/tied ``lm_head.weight`` pairs with (Llama/Qwen, GPT-2, BLOOM, NeoX).
@@ -51,131 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow pickle globals beyond tensors (can run code from the file)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="keep",
+    parser.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
                         help="cast floating-point tensors (default: keep each tensor's dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
-
-
-def torch_dtype(name: str) -> torch.dtype | None:
-    import torch
-
-    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (NaNs included), which ``torch.equal`` does not give."""
-    import torch
-
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-
-
-class ShardWriter:
-    """Writes tensors into ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index.
-
-    A shard is closed when the next tensor would take it past ``max_bytes`` (a larger tensor gets
-    a shard of its own) or when :meth:`next_shard` is called; only the open shard's tensors are
-    held. Each shard is read back and compared with what was added before the next one starts."""
-
-    def __init__(self, root: Path, max_bytes: int = 1 << 62):
-        self.root, self.max_bytes = root, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_shared: dict[str, str] = {}
-        self.pending_bytes = self.total_bytes = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor, copy_of: str | None = None) -> None:
-        """Queue a tensor; ``copy_of`` records that it was stored as a copy of a shared tensor."""
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.next_shard()
-        self.pending[name] = tensor.contiguous()
-        if copy_of is not None:
-            self.pending_shared[name] = copy_of
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def next_shard(self) -> None:
-        if not self.pending:
-            return
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
-        # Temporary names: the final ``-of-0000n`` is known only at the end.
-        path = self.root / f".part-{len(self.parts):05d}.safetensors"
-        meta = {"format": "pt"}  # transformers refuses safetensors files without it
-        if self.pending_shared:
-            meta["shared"] = json.dumps(self.pending_shared)
-        save_file(self.pending, path, metadata=meta)
-        with safe_open(path, framework="pt") as f:
-            if set(f.keys()) != set(self.pending):
-                raise RuntimeError(f"verification failed: {path.name} holds other keys than were written")
-            for name, want in self.pending.items():
-                if not same_bits(f.get_tensor(name), want):
-                    raise RuntimeError(f"verification failed: {name} reads back different from its source")
-        self.parts.append((path, list(self.pending)))
-        self.pending, self.pending_shared, self.pending_bytes = {}, {}, 0
-
-    def finish(self) -> list[str]:
-        """Close the last shard, give the files their final names, write the index if sharded."""
-        self.next_shard()
-        if not self.parts:
-            raise UsageError("no tensors to write")
-        n = len(self.parts)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for name, (path, keys) in zip(names, self.parts):
-            os.replace(path, self.root / name)
-            weight_map.update({k: name for k in keys})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.root / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
-def copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copy an HF directory's non-weight top-level files (config, tokenizer, templates...).
-    Returns the files left out (weights of any format, training state, the old SHA256SUMS)."""
-    left_out = []
-    for p in sorted(src.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        if _WEIGHT_FILE.fullmatch(p.name):
-            left_out.append(p.name)
-        else:
-            shutil.copy2(p, dst / p.name)
-    return left_out
-
-
-def update_config(root: Path, dtype: torch.dtype | None, **changes: Any) -> None:
-    """State a new dtype (and other changes) in ``config.json`` when there is one."""
-    path = root / "config.json"
-    if not path.is_file() or (dtype is None and not changes):
-        return
-    cfg = json.loads(path.read_text())
-    if dtype is not None:
-        name = str(dtype).removeprefix("torch.")
-        cfg["dtype"] = name
-        if "torch_dtype" in cfg:
-            cfg["torch_dtype"] = name
-    cfg.update(changes)
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def seal(root: Path) -> None:
-    """Usual permissions (safetensors writes 0600), SHA256SUMS over every file, fsync."""
-    from post_training.io.layout import fsync_tree
-    from post_training.checkpointing.tools.safe_load import write_sha256sums
-
-    umask = os.umask(0o022)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for p in root.iterdir():
-        if p.is_file():
-            p.chmod(0o666 & ~umask)
-    write_sha256sums(root).chmod(0o666 & ~umask)
-    fsync_tree(root)
 
 
 def read_json(path: Path) -> dict:
@@ -298,7 +173,7 @@ def hf_torch_weights(d: Path) -> list[Path]:
     shards = sorted(d.glob("pytorch_model-*.bin"))
     if shards:
         return shards
-    if (d / "model.safetensors").is_file() or (d / SAFE_INDEX).is_file():
+    if (d / "model.safetensors").is_file() or (d / INDEX).is_file():
         raise UsageError(f"{d} already holds safetensors weights and no pytorch_model*.bin")
     torch_files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in _TORCH_SUFFIXES)
     if len(torch_files) == 1:
@@ -327,8 +202,10 @@ def _short_list(items: list[str], n: int = 8) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from post_training.checkpointing.tools.outdir import staged_output
-    from post_training.io.formats import parse_size
+    from post_training.checkpointing.tools.safe_load import write_sha256sums
+    from post_training.io.atomic import staged_dir
+    from post_training.io.formats import parse_size, torch_dtype
+    from post_training.io.hf_files import copy_aux_files, update_config
 
     src, out = Path(args.input), Path(args.output)
     if not src.exists():
@@ -348,12 +225,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"IN {src} is a directory: give an output directory, not a .safetensors file")
         report = _convert_to_file(files, out, dtype, args, drop_tied)
     else:
-        with staged_output(out, args.overwrite) as root:
+        with staged_dir(out, args.overwrite) as root:
             report = _convert(files, root, dtype, max_bytes, args.trust_pickle, drop_tied)
             if src.is_dir():
                 report.append(("left out", copy_aux_files(src, root)))
                 update_config(root, dtype)
-            seal(root)
+            write_sha256sums(root)
     for what, items in report:
         if items:
             print(f"{what}: {_short_list(items)}")
@@ -364,21 +241,17 @@ def run(args: argparse.Namespace) -> int:
 def _convert_to_file(files: list[Path], out: Path, dtype: torch.dtype | None, args: argparse.Namespace,
                      drop_tied: bool) -> list[tuple[str, list[str]]]:
     """One ``.safetensors`` file (no sharding) and ``<out>.sha256`` beside it, renamed in last."""
-    import tempfile
-
-    from post_training.io.layout import sha256_file
+    from post_training.io.atomic import check_output_file, commit, new_staging_dir, usual_permissions
+    from post_training.io.formats import sha256_file
 
     sums = out.with_name(out.name + ".sha256")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"output file {out} exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_staging_dir(check_output_file(out, args.overwrite))
     try:
         report = _convert(files, tmp, dtype, 1 << 62, args.trust_pickle, drop_tied)
-        (tmp / "model.safetensors").chmod(0o644)
         (tmp / "sha256").write_text(f"{sha256_file(tmp / 'model.safetensors')}  {out.name}\n")
-        os.replace(tmp / "model.safetensors", out)
-        os.replace(tmp / "sha256", sums)
+        usual_permissions(tmp)
+        commit(tmp / "model.safetensors", out)
+        commit(tmp / "sha256", sums)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -388,6 +261,8 @@ def _convert(files: list[Path], root: Path, dtype: torch.dtype | None, max_bytes
              trust_pickle: bool, drop_tied: bool) -> list[tuple[str, list[str]]]:
     """Stream the files into safetensors shards under ``root``; returns report lines."""
     skipped_all, dropped_all, shared_all, seen = [], [], [], set()
+    from post_training.io.safetensors_io import ShardWriter
+
     writer = ShardWriter(root, max_bytes)
     for f in files:  # one source file at a time (memory-mapped when it is zip-format)
         sd, skipped = find_state_dict(load_torch_file(f, trust_pickle))
