@@ -256,11 +256,9 @@ class ExportConfig:
 
     def validate(self, src: SourceConfig) -> None:
         """Cheap checks before any rank starts: refuse to clobber data or the model's source."""
-        out = Path(self.export_dir)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"export dir {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-            raise UsageError(f"export dir {out} is not empty (pass --overwrite to replace it)")
+        from post_training.io.atomic import check_output_dir
+
+        out = check_output_dir(self.export_dir, self.overwrite, "export dir")
         for source in (src.pretrained_model_path, src.load):
             if source and Path(source).exists() and out.resolve() in (Path(source).resolve(),
                                                                       *Path(source).resolve().parents):

@@ -82,3 +82,10 @@ def test_entry_points_parse_and_preflight_without_megatron(tiny_llama):
         # quantize resolves its ModelOpt config name in the preflight, and importing ModelOpt's
         # quantization package imports megatron-core (its plugins); the model code stays out
         assert loaded == (["megatron", "modelopt"] if m == "quantize" else []), (m, loaded)
+
+
+def test_config_dtype_names_are_the_io_dtype_map():
+    """config validates dtype names without importing torch; the one name -> dtype map is io's."""
+    from post_training.io.formats import DTYPES
+
+    assert set(config.DTYPE_NAMES) == set(DTYPES)

@@ -1,12 +1,13 @@
 """PTQ: config resolution, calibration data, scripts/quantize.sh end to end over gloo ranks."""
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist_utils import clean_env, run_script, torchrun
+from dist_utils import PY, ROOT, clean_env, run_script, torchrun
 from post_training.quantization.calibration import calibration_samples
 from post_training.quantization.recipes import available_formats, resolve_quant_cfg
 from post_training.config import QuantizeConfig
@@ -63,16 +64,31 @@ def test_calibration_sources(tiny_llama, tmp_path):
         calibration_samples(QuantizeConfig(calib_dataset=str(tmp_path / "empty.txt")), tok)
 
 
+QUANT_ARGS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "FP8_DEFAULT_CFG", "--export-kv-cache-quant", "fp8",
+              "--calib-size", "2", "--calib-seq-length", "32", "--max-new-tokens", "4", "--ppl-windows", "0")
+
+
+def checkpoint_files(root) -> dict:
+    """sha256 of every file of a saved iteration, as its toolkit_meta.json records them."""
+    return {k: v["sha256"] for k, v in json.loads((root / "release" / "toolkit_meta.json").read_text())["files"].items()}
+
+
 @pytest.mark.slow
 def test_quantize_script_tp2_checkpoint_reloads(tiny_llama, tmp_path):
     """quantize.sh at TP=2 saves a checkpoint that reloads (TP=2 and TP=1) to identical logits;
-    without its modelopt_state it is refused with one line."""
+    without its modelopt_state it is refused with one line. `torchrun --nproc-per-node 2
+    scripts/quantize.sh` (the script itself under torchrun, TP from the world size) writes the
+    same checkpoint, byte for byte."""
     save = tmp_path / "q"
-    res = run_script("quantize.sh", "HuggingFaceTB/SmolLM2-135M-Instruct", "FP8_DEFAULT_CFG",
-                     "--export-kv-cache-quant", "fp8", "--calib-size", "2", "--calib-seq-length", "32",
-                     "--max-new-tokens", "4",
+    res = run_script("quantize.sh", *QUANT_ARGS, "--verbose",
                      env=clean_env(TP="2", HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(save)))
     assert res.returncode == 0, res.stderr[-3000:]
+    env = clean_env(HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(tmp_path / "q_torchrun"))
+    launched = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", env["MASTER_PORT"], str(ROOT / "scripts" / "quantize.sh"),
+                               *QUANT_ARGS], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert checkpoint_files(tmp_path / "q_torchrun") == checkpoint_files(save)
     assert "quantization summary (PP stage 0, TP rank 0 of 2)" in res.stdout
     assert "k_bmm_quantizer" in res.stdout and "----- after -----" in res.stdout
     meta = json.loads((save / "release" / "toolkit_meta.json").read_text())

@@ -8,14 +8,13 @@ their own, library imports change nothing.
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import Callable
 
 import torch.distributed as dist
 
-from post_training.utils import UsageError, rank
+from post_training.utils import run_main
 
 # Import-time notices of megatron-core / ModelOpt that say nothing actionable to a user of the
 # scripts (the local spec is chosen on purpose, and says so). Narrow, message-matched.
@@ -40,22 +39,16 @@ quiet_upstream_warnings()
 
 
 def run_entry(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-    """Run ``main``; a UsageError becomes one line on stderr (rank 0) and exit code 2."""
-    argv = sys.argv[1:] if argv is None else argv
-    # A runtime that existed before this call (a test's, a notebook's) is not ours to tear down.
+    """:func:`~post_training.utils.run_main` that also tears down the runtime the entry started
+    (a runtime that existed before the call, a test's or a notebook's, is not ours)."""
     had_runtime = dist.is_available() and dist.is_initialized()
-    try:
-        code = main(argv) or 0
-    except UsageError as e:
-        if rank() == 0 and os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    finally:
-        # Only entries that set up a runtime have one to tear down; the checkpoint tools never
-        # import it (it pulls in megatron-core, seconds of start-up for `ckpt inspect`).
+
+    def teardown() -> None:
+        # Only entries that set up a runtime have one; the checkpoint tools never import it.
         if not had_runtime and "post_training.runtime" in sys.modules:
             try:
                 sys.modules["post_training.runtime"].destroy_runtime()
             except Exception:
                 pass
-    sys.exit(code)
+
+    run_main(main, argv, on_exit=teardown)

@@ -1,0 +1,35 @@
+"""The README's first command as a newcomer runs it: `bash scripts/quickstart.sh` quantizes the
+embedded SmolLM2 with the default recipe, its answers stay sensible (the France answer still
+names Paris), and the whole output fits in one screen."""
+import json
+import re
+
+import pytest
+
+from dist_utils import clean_env, run_script
+
+pytestmark = pytest.mark.slow
+SCREEN = 60  # lines
+
+
+def test_quickstart_answers_stay_sensible_and_output_fits_one_screen(tmp_path, smollm2_dir):
+    out, save = tmp_path / "quickstart.json", tmp_path / "ckpt"
+    res = run_script("quickstart.sh", "--json-out", str(out), env=clean_env(MLM_MODEL_SAVE=str(save)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    after = [a["after"] for a in report["answers"]]
+    print("\n".join(after))
+    assert len(after) == 3 and "Paris" in after[0]
+    assert report["quant_cfg"] == "FP8_DEFAULT_CFG" and report["calib_dataset"] == "builtin-chat"
+    assert 0 < report["perplexity_after"] / report["perplexity_before"] - 1 < 0.05
+    assert report["weight_bytes"] < report["weight_bytes_unquantized"]
+    # what a person sees: stdout, and stderr without the progress bars' redraws
+    redrawn = [line.split("\r")[-1] for line in res.stderr.split("\n")]
+    shown = res.stdout.splitlines() + [line for line in redrawn if line.strip()]
+    assert len(shown) <= SCREEN, "\n".join(shown)
+    for text in ("quantizers:", "----- after -----", "| perplexity", "| weights", f"checkpoint: {save}",
+                 "bash scripts/export.sh", "[quickstart] done in"):
+        assert text in res.stdout, text
+    assert re.search(r"fp8 e4m3 per-tensor +weight_quantizer", res.stdout)
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert (save / "quant_summary.txt").read_text().count("TensorQuantizer") > 100  # the full table
