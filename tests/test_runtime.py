@@ -213,9 +213,9 @@ def test_rope_table_is_computed_on_one_thread_and_threads_restored(runtime):
     """cos/sin of a rotary table above torch's 2048-element split are computed on one thread
     (a threaded MKL vmsCos once returned low-accuracy values for half a table), then the
     thread count is back; the values are torch's own cos/sin."""
-    from post_training.runtime import fastpath
+    from post_training.runtime import kernels
 
-    cache = fastpath._CosSinCache()
+    cache = kernels.CosSinCache()
     freqs = torch.outer(torch.arange(40.0), torch.rand(64, generator=torch.Generator().manual_seed(0)))
     freqs = freqs[:, None, None, :].contiguous()
     threads = torch.get_num_threads()

@@ -157,7 +157,7 @@ def warm_up_vml() -> None:
     torch's 2048-element grain), so any lazy set-up inside MKL happens before threads call
     it together. A fresh process whose threaded torch.cos got EP accuracy on one thread was
     seen under load (tests/test_atomic_save.py, cross-process logits); the cause inside MKL
-    is not known, this and fastpath._one_thread are the mitigations."""
+    is not known, this and kernels.one_thread are the mitigations."""
     x = torch.full((16,), 0.5)
     for op in (torch.cos, torch.sin, torch.tan, torch.acos, torch.asin, torch.atan, torch.exp,
                torch.log, torch.log2, torch.log10, torch.sqrt, torch.tanh, torch.erf, torch.erfc,
