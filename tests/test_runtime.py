@@ -85,7 +85,7 @@ def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     ids = torch.randint(0, 49152, (1, 17), generator=torch.Generator().manual_seed(4))
-    assert fastpath._ORIGINALS, "fast paths are installed on CPU"
+    assert fastpath.is_applied(), "fast paths are installed on CPU"
     with torch.inference_mode():
         fast = stage_forward(model, ids, None)
     with torch.no_grad():  # not inference mode: original megatron path
@@ -123,12 +123,12 @@ def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tens
 
 @contextlib.contextmanager
 def _originals(*keys):
-    """Megatron's own functions at these fast-path sites, the other fast paths kept."""
-    from post_training.runtime import fastpath
+    """Megatron's own functions at these patched sites, the other patches kept."""
+    from post_training.runtime import patches
 
     wrappers = {k: getattr(*k) for k in keys}
     for (owner, name) in keys:
-        setattr(owner, name, fastpath._ORIGINALS[(owner, name)])
+        setattr(owner, name, patches.original(owner, name))
     try:
         yield
     finally:

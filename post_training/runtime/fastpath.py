@@ -3,7 +3,8 @@
 A CPU decode step of a small model is bound by weight reads and Python dispatch, not
 arithmetic; megatron's layers add dispatch around the same matmuls. Under
 ``torch.inference_mode()`` (no autograd graph can be needed) these wrappers skip the
-autograd ``Function`` shells and redundant work at these sites and compute the same forward:
+autograd ``Function`` shells and redundant work at these sites and compute the same forward
+(the kernels are in :mod:`.kernels`):
 
 * ``tensor_parallel.layers.linear_with_frozen_weight``  -> ``F.linear(x, W) (+ b)``, the
   forward of ``LinearWithFrozenWeight`` (not with sequence parallelism);
@@ -22,15 +23,15 @@ autograd ``Function`` shells and redundant work at these sites and compute the s
   every layer at every step. RoPE is elementwise per position, so the cached keys hold the
   same values the original computes again each step (not with flash decode, which does this
   itself, nor with packed sequences).
-* ``TransformerLayer.forward`` with megatron's static KV cache -> ``fast_layer.layer_forward``:
-  the same ops on the layer's own modules without the general forward's branches (dense GPT
-  layers only; see that module), and ``TransformerBlock.forward`` -> ``fast_layer.block_forward``
-  (the same layer loop calling it directly).
+* ``TransformerLayer.forward`` with megatron's static KV cache ->
+  ``fast_layer.layer_forward``: the same ops on the layer's own modules without the general
+  forward's branches (dense GPT layers only; see that module), and ``TransformerBlock.forward``
+  -> ``fast_layer.block_forward`` (the same layer loop calling it directly).
 
-Outside inference mode every call goes to the original function, so training and
-autograd are untouched. Applied by ``init_runtime`` on CPU only; tests compare logits with
-and without (tests/test_runtime.py). The kernels are in :mod:`.kernels`, the lean layer in
-:mod:`.fast_layer`; this module only wraps megatron's functions.
+Outside inference mode every call goes to the original function, so training and autograd are
+untouched. Each wrapper is an entry of the patch registry (:mod:`.patches`, group
+``fastpath``), applied by ``init_runtime`` on CPU unless ``PT_NO_FASTPATH=1``; tests compare
+logits with and without (tests/test_runtime.py).
 """
 from __future__ import annotations
 
@@ -38,24 +39,25 @@ import functools
 
 import torch
 
-from post_training.runtime import kernels
+from post_training.runtime import fast_layer, kernels, patches
+from post_training.runtime.patches import CPU_FAST, AttrSwap, Patch
 
-_ORIGINALS: dict[tuple[object, str], object] = {}  # (module or class, attribute) -> original
 
+def _fast(fast_impl, pass_orig: bool = False):
+    """``make`` for an AttrSwap: under inference mode try ``fast_impl``; the original runs
+    outside inference mode and wherever ``fast_impl`` returns NotImplemented."""
+    def make(orig):
+        @functools.wraps(orig)
+        def wrapper(*args, **kwargs):
+            if torch.is_inference_mode_enabled():
+                out = fast_impl(orig, *args, **kwargs) if pass_orig else fast_impl(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            return orig(*args, **kwargs)
 
-def _fast(module, name: str, fast_impl, pass_orig: bool = False):
-    orig = getattr(module, name)
-    _ORIGINALS[(module, name)] = orig
+        return wrapper
 
-    @functools.wraps(orig)
-    def wrapper(*args, **kwargs):
-        if torch.is_inference_mode_enabled():
-            out = fast_impl(orig, *args, **kwargs) if pass_orig else fast_impl(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        return orig(*args, **kwargs)
-
-    setattr(module, name, wrapper)
+    return make
 
 
 def _linear_frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
@@ -82,10 +84,6 @@ def _bias_add_residual(x_with_bias, residual, prob, training):
     return kernels.add_bias_residual_(x, bias, residual)
 
 
-def _gated_mlp(self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
-    return NotImplemented if per_token_scale is not None else kernels.gated_mlp(self, hidden_states)
-
-
 def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
                        *args, **kwargs):
     if (inference_context is None or not inference_context.is_static_batching()
@@ -100,35 +98,106 @@ def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_
     return (*out, (q_emb, None), mask_type, block_table)
 
 
+def _gated_mlp(self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
+    return NotImplemented if per_token_scale is not None else kernels.gated_mlp(self, hidden_states)
+
+
+_TP = "megatron.core.tensor_parallel.layers"
+_TL = "megatron.core.transformer.transformer_layer"
+_SITES = [  # (name, site, recorded signature, fast implementation, what it computes instead)
+    ("fast_linear_frozen_weight", f"{_TP}:linear_with_frozen_weight",
+     "(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], "
+     "gradient_accumulation_fusion: bool, allreduce_dgrad: bool, sequence_parallel: bool, tp_group: "
+     "Optional[torch.distributed.distributed_c10d.ProcessGroup], grad_output_buffer: "
+     "Optional[List[torch.Tensor]] = None, wgrad_deferral_limit: None = None, "
+     "async_grad_allreduce: Optional[bool] = None) -> torch.Tensor",
+     _linear_frozen, "F.linear(x, W) (+ b), the forward of LinearWithFrozenWeight without its "
+                     "autograd Function (not with sequence parallelism)"),
+    ("fast_copy_to_tp", f"{_TP}:copy_to_tensor_model_parallel_region", "(input_, group=None)",
+     _copy_to_tp, "identity, its forward, without the autograd Function"),
+    ("fast_reduce_from_tp", f"{_TP}:reduce_from_tensor_model_parallel_region", "(input_, group=None)",
+     _reduce_from_tp, "mappings._reduce, its forward, without the autograd Function"),
+    ("fast_rope_bshd", "megatron.core.models.common.embeddings.rope_utils:_apply_rotary_pos_emb_bshd",
+     "(t: 'Tensor', freqs: 'Tensor', rotary_interleaved: 'bool' = False, multi_latent_attention: "
+     "'bool' = False, mscale: 'float' = 1.0) -> 'Tensor'",
+     kernels.rope_bshd, "the same formula with cos/sin computed once per forward instead of once "
+                        "per layer (mscale 1, non-interleaved, non-MLA only)"),
+    ("fast_bias_dropout_add", "megatron.core.fusions.fused_bias_dropout:_bias_dropout_add_func",
+     "(x_with_bias, residual, prob, training)", _bias_add_residual,
+     "the same in-place adds without the eval-mode dropout call, which returns its input"),
+    ("fast_rotated_key_cache", "megatron.core.transformer.attention:Attention._adjust_key_value_for_inference",
+     "(self, inference_context: 'BaseInferenceContext', query: 'Tensor', key: 'Tensor', "
+     "value: 'Tensor', rotary_pos_emb: 'Tensor', rotary_pos_cos: 'Optional[Tensor]' = None, "
+     "rotary_pos_sin: 'Optional[Tensor]' = None, rotary_pos_cos_sin: 'Optional[Tensor]' = None, "
+     "sequence_len_offset: 'Optional[int]' = None, *, inference_params: "
+     "'Optional[BaseInferenceContext]' = None) -> 'tuple[Tensor, Tensor, Tensor, Tensor, "
+     "AttnMaskType, Tensor]'",
+     _adjust_kv_rotated, "the new keys of a static KV cache rotated once before they are stored, "
+                         "instead of the whole cache re-rotated in every layer at every step"),
+    ("fast_gated_mlp", "megatron.core.transformer.mlp:MLP.forward",
+     "(self, hidden_states, per_token_scale=None, **kwargs)", _gated_mlp,
+     "the same fc1, activation * up, fc2 through the module's own linears, without the glu "
+     "closure built per call"),
+    ("fast_transformer_layer", f"{_TL}:TransformerLayer.forward", "(self, *args, **kwargs)",
+     fast_layer.layer_forward, "fast_layer.layer_forward: the same ops on the layer's own modules for a "
+                     "dense GPT layer and megatron's static KV cache"),
+    ("fast_transformer_block", "megatron.core.transformer.transformer_block:TransformerBlock.forward",
+     "(self, hidden_states: Union[torch.Tensor, megatron.core.utils.WrappedTensor], attention_mask: "
+     "Optional[torch.Tensor], context: Optional[torch.Tensor] = None, context_mask: "
+     "Optional[torch.Tensor] = None, rotary_pos_emb: Optional[torch.Tensor] = None, rotary_pos_cos: "
+     "Optional[torch.Tensor] = None, rotary_pos_sin: Optional[torch.Tensor] = None, "
+     "rotary_pos_cos_sin: Optional[torch.Tensor] = None, attention_bias: Optional[torch.Tensor] = "
+     "None, inference_context: Optional[megatron.core.inference.contexts.base_context."
+     "BaseInferenceContext] = None, packed_seq_params: Optional[megatron.core.packed_seq_params."
+     "PackedSeqParams] = None, sequence_len_offset: Optional[torch.Tensor] = None, padding_mask: "
+     "Optional[torch.Tensor] = None, *, inference_params: Optional[megatron.core.inference.contexts."
+     "base_context.BaseInferenceContext] = None, dynamic_inference_decode_only: Optional[bool] = None)",
+     fast_layer.block_forward, "fast_layer.block_forward: the same layer loop calling the lean "
+                               "layer directly (static KV cache, no FP8/FP4, SP or offloading)"),
+]
+# What the lean layer reproduces of megatron's layer: a change there must be looked at.
+_LEAN_LAYER_DEPENDS = {
+    f"{_TL}:TransformerLayer._forward_attention":
+        "(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, context: "
+        "Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None, rotary_pos_emb: "
+        "Optional[torch.Tensor] = None, rotary_pos_cos: Optional[torch.Tensor] = None, rotary_pos_sin: "
+        "Optional[torch.Tensor] = None, rotary_pos_cos_sin: Optional[torch.Tensor] = None, "
+        "attention_bias: Optional[torch.Tensor] = None, inference_context: Optional[Any] = None, "
+        "packed_seq_params: Optional[megatron.core.packed_seq_params.PackedSeqParams] = None, "
+        "sequence_len_offset: Optional[torch.Tensor] = None, padding_mask: Optional[torch.Tensor] = "
+        "None, *, inference_params: Optional[Any] = None)",
+    f"{_TL}:TransformerLayer._forward_mlp": "(self, hidden_states, inference_context=None, padding_mask=None)",
+    "megatron.core.transformer.attention:SelfAttention.get_query_key_value_tensors":
+        "(self, hidden_states: 'Tensor', key_value_states: 'Tensor | None' = None, output_gate: "
+        "'bool' = False, split_qkv: 'bool' = True) -> 'tuple[Tensor, Tensor, Tensor, Tensor] | "
+        "tuple[Tensor, Tensor, Tensor] | tuple[Tensor, list[int]]'",
+}
+
+
+def _entry(name, site, signature, impl, instead) -> Patch:
+    apply, remove = patches.swaps(AttrSwap(site, _fast(impl, pass_orig=impl is _adjust_kv_rotated)))
+    return Patch(name, {site: signature},
+                 f"under torch.inference_mode: {instead}. A CPU decode step of a small model is "
+                 "bound by Python dispatch around the matmuls; same values (tests/test_runtime.py)",
+                 CPU_FAST, apply, remove,
+                 depends=_LEAN_LAYER_DEPENDS if name == "fast_transformer_layer" else {},
+                 group="fastpath")
+
+
+PATCHES = [_entry(*s) for s in _SITES]
+
+
 def apply() -> bool:
-    """Install the wrappers once. Returns True when newly installed."""
-    if _ORIGINALS:
-        return False
-    from megatron.core.fusions import fused_bias_dropout
-    from megatron.core.models.common.embeddings import rope_utils
-    from megatron.core.tensor_parallel import layers
-    from megatron.core.transformer.attention import Attention
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.transformer_block import TransformerBlock
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from post_training.runtime import fast_layer  # imports megatron-core: only when applied
-
-    _fast(layers, "linear_with_frozen_weight", _linear_frozen)
-    _fast(layers, "copy_to_tensor_model_parallel_region", _copy_to_tp)
-    _fast(layers, "reduce_from_tensor_model_parallel_region", _reduce_from_tp)
-    _fast(rope_utils, "_apply_rotary_pos_emb_bshd", kernels.rope_bshd)
-    _fast(fused_bias_dropout, "_bias_dropout_add_func", _bias_add_residual)
-    _fast(Attention, "_adjust_key_value_for_inference", _adjust_kv_rotated, pass_orig=True)
-    _fast(MLP, "forward", _gated_mlp)
-    _fast(TransformerLayer, "forward", fast_layer.layer_forward)
-    _fast(TransformerBlock, "forward", fast_layer.block_forward)
-    return True
+    """Install the fast-path group (tests toggle it). True when newly installed."""
+    return bool(patches.apply(*patches.group("fastpath")))
 
 
 def remove() -> None:
-    """Restore the originals (tests compare both paths)."""
-    for (owner, name), orig in _ORIGINALS.items():
-        setattr(owner, name, orig)
-    _ORIGINALS.clear()
+    """Restore megatron's originals at every fast-path site (tests compare both paths)."""
+    patches.remove(*patches.group("fastpath"))
     kernels.COS_SIN.reset()
+
+
+def is_applied() -> bool:
+    return all(patches.is_applied(n) for n in patches.group("fastpath"))
+
