@@ -11,7 +11,8 @@ runs the same ops on the layer's own modules for the common dense GPT layer and 
     -> static KV cache write -> core_attention -> linear_proj -> + residual
     -> pre_mlp_layernorm -> MLP -> + residual
 
-RoPE of the keys is applied once before caching, as fastpath's rotated-key wrapper does;
+It runs only for a cache that declares rotated keys (:mod:`.kv_format`): RoPE of the keys is
+applied once before caching, as the ``kv_cache_rotated_keys`` patch does on megatron's path;
 with one shared table and identity q/k norms, q and k are rotated in one elementwise pass.
 Linear layers of megatron's exact classes without hooks are called as ``F.linear`` (+ the
 TP reduce for row-parallel); any other module (ModelOpt-quantized linears, a quantized core
@@ -35,6 +36,7 @@ from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch.nn.modules import module as nn_module
 
 from post_training.runtime import kernels
+from post_training.runtime.kv_format import keys_rotated
 
 
 def _qualifies(layer) -> bool:
@@ -122,8 +124,9 @@ def layer_forward(self, hidden_states, attention_mask=None, context=None, contex
                   rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                   packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
     ctx = inference_context
-    if (ctx is None or not ctx.is_static_batching() or self.training or context is not None
-            or attention_bias is not None or packed_seq_params is not None
+    # Only a cache declared to hold rotated keys: this path stores keys after RoPE.
+    if (ctx is None or not keys_rotated(ctx) or not ctx.is_static_batching() or self.training
+            or context is not None or attention_bias is not None or packed_seq_params is not None
             or rotary_pos_cos is not None or rotary_pos_sin is not None
             or rotary_pos_cos_sin is not None or kwargs.get("inference_params") is not None):
         return NotImplemented

@@ -18,12 +18,7 @@ autograd ``Function`` shells and redundant work at these sites and compute the s
 * ``MLP.forward`` (unfused gated MLP: SwiGLU and friends) -> the same fc1, activation * up,
   fc2 through the module's own linear layers (quantized ones included), without building the
   ``glu`` closure per call and adding ``glu_linear_offset`` when it is 0;
-* ``Attention._adjust_key_value_for_inference`` (static KV cache) -> rotate the new keys
-  before they are stored and skip megatron's re-rotation of the whole cached key tensor in
-  every layer at every step. RoPE is elementwise per position, so the cached keys hold the
-  same values the original computes again each step (not with flash decode, which does this
-  itself, nor with packed sequences).
-* ``TransformerLayer.forward`` with megatron's static KV cache ->
+* ``TransformerLayer.forward`` with a static KV cache that holds rotated keys ->
   ``fast_layer.layer_forward``: the same ops on the layer's own modules without the general
   forward's branches (dense GPT layers only; see that module), and ``TransformerBlock.forward``
   -> ``fast_layer.block_forward`` (the same layer loop calling it directly).
@@ -31,7 +26,8 @@ autograd ``Function`` shells and redundant work at these sites and compute the s
 Outside inference mode every call goes to the original function, so training and autograd are
 untouched. Each wrapper is an entry of the patch registry (:mod:`.patches`, group
 ``fastpath``), applied by ``init_runtime`` on CPU unless ``PT_NO_FASTPATH=1``; tests compare
-logits with and without (tests/test_runtime.py).
+logits with and without (tests/test_runtime.py). The KV cache's key format is not a fast path:
+it is declared by the cache and honoured on every path (:mod:`.kv_format`).
 """
 from __future__ import annotations
 
@@ -43,14 +39,14 @@ from post_training.runtime import fast_layer, kernels, patches
 from post_training.runtime.patches import CPU_FAST, AttrSwap, Patch
 
 
-def _fast(fast_impl, pass_orig: bool = False):
+def _fast(fast_impl):
     """``make`` for an AttrSwap: under inference mode try ``fast_impl``; the original runs
     outside inference mode and wherever ``fast_impl`` returns NotImplemented."""
     def make(orig):
         @functools.wraps(orig)
         def wrapper(*args, **kwargs):
             if torch.is_inference_mode_enabled():
-                out = fast_impl(orig, *args, **kwargs) if pass_orig else fast_impl(*args, **kwargs)
+                out = fast_impl(*args, **kwargs)
                 if out is not NotImplemented:
                     return out
             return orig(*args, **kwargs)
@@ -84,20 +80,6 @@ def _bias_add_residual(x_with_bias, residual, prob, training):
     return kernels.add_bias_residual_(x, bias, residual)
 
 
-def _adjust_kv_rotated(orig, self, inference_context, query, key, value, rotary_pos_emb,
-                       *args, **kwargs):
-    if (inference_context is None or not inference_context.is_static_batching()
-            or self.config.flash_decode or not isinstance(rotary_pos_emb, tuple)
-            or rotary_pos_emb[1] is None):
-        return NotImplemented
-    q_emb, k_emb = rotary_pos_emb
-    # What Attention.forward would apply to these rows of the cache, applied once.
-    key = kernels.rotate_rows(self, key, k_emb, inference_context.sequence_len_offset)
-    *out, (q_emb, _), mask_type, block_table = orig(
-        self, inference_context, query, key, value, (q_emb, k_emb), *args, **kwargs)
-    return (*out, (q_emb, None), mask_type, block_table)
-
-
 def _gated_mlp(self, hidden_states, per_token_scale=None, **kwargs):  # kwargs unused, as in MLP
     return NotImplemented if per_token_scale is not None else kernels.gated_mlp(self, hidden_states)
 
@@ -125,22 +107,13 @@ _SITES = [  # (name, site, recorded signature, fast implementation, what it comp
     ("fast_bias_dropout_add", "megatron.core.fusions.fused_bias_dropout:_bias_dropout_add_func",
      "(x_with_bias, residual, prob, training)", _bias_add_residual,
      "the same in-place adds without the eval-mode dropout call, which returns its input"),
-    ("fast_rotated_key_cache", "megatron.core.transformer.attention:Attention._adjust_key_value_for_inference",
-     "(self, inference_context: 'BaseInferenceContext', query: 'Tensor', key: 'Tensor', "
-     "value: 'Tensor', rotary_pos_emb: 'Tensor', rotary_pos_cos: 'Optional[Tensor]' = None, "
-     "rotary_pos_sin: 'Optional[Tensor]' = None, rotary_pos_cos_sin: 'Optional[Tensor]' = None, "
-     "sequence_len_offset: 'Optional[int]' = None, *, inference_params: "
-     "'Optional[BaseInferenceContext]' = None) -> 'tuple[Tensor, Tensor, Tensor, Tensor, "
-     "AttnMaskType, Tensor]'",
-     _adjust_kv_rotated, "the new keys of a static KV cache rotated once before they are stored, "
-                         "instead of the whole cache re-rotated in every layer at every step"),
     ("fast_gated_mlp", "megatron.core.transformer.mlp:MLP.forward",
      "(self, hidden_states, per_token_scale=None, **kwargs)", _gated_mlp,
      "the same fc1, activation * up, fc2 through the module's own linears, without the glu "
      "closure built per call"),
     ("fast_transformer_layer", f"{_TL}:TransformerLayer.forward", "(self, *args, **kwargs)",
      fast_layer.layer_forward, "fast_layer.layer_forward: the same ops on the layer's own modules for a "
-                     "dense GPT layer and megatron's static KV cache"),
+                     "dense GPT layer and a static KV cache that holds rotated keys"),
     ("fast_transformer_block", "megatron.core.transformer.transformer_block:TransformerBlock.forward",
      "(self, hidden_states: Union[torch.Tensor, megatron.core.utils.WrappedTensor], attention_mask: "
      "Optional[torch.Tensor], context: Optional[torch.Tensor] = None, context_mask: "
@@ -175,7 +148,7 @@ _LEAN_LAYER_DEPENDS = {
 
 
 def _entry(name, site, signature, impl, instead) -> Patch:
-    apply, remove = patches.swaps(AttrSwap(site, _fast(impl, pass_orig=impl is _adjust_kv_rotated)))
+    apply, remove = patches.swaps(AttrSwap(site, _fast(impl)))
     return Patch(name, {site: signature},
                  f"under torch.inference_mode: {instead}. A CPU decode step of a small model is "
                  "bound by Python dispatch around the matmuls; same values (tests/test_runtime.py)",

@@ -1,8 +1,9 @@
 """Every change the toolkit makes to upstream behaviour, in one registry.
 
 megatron-core, ModelOpt and torch are changed in a few places: CPU shims for code that assumes
-CUDA (:mod:`.cpu_compat`), fixes of upstream bugs and version shims (:mod:`.fixes`) and CPU
-inference fast paths (:mod:`.fastpath`). Each change is a :class:`Patch` naming the upstream sites it replaces
+CUDA (:mod:`.cpu_compat`), fixes of upstream bugs and version shims (:mod:`.fixes`), the
+declared KV-cache key format (:mod:`.kv_format`) and CPU inference fast paths
+(:mod:`.fastpath`). Each change is a :class:`Patch` naming the upstream sites it replaces
 (``module:qualname``, with the ``inspect.signature`` it was written against), why, and when it
 applies. Nothing is patched when a module of ``post_training`` is imported: :func:`apply_runtime`
 (called by ``init_runtime``) applies the entries for the runtime's device, each at most once.
@@ -127,9 +128,9 @@ def swaps(*swap_list: AttrSwap) -> tuple[Callable[[], None], Callable[[], None]]
 def registry() -> list[Patch]:
     """Every entry, in the order they are applied. The entry modules are imported here (they
     define entries, they do not apply them), so that importing this module stays cheap."""
-    from post_training.runtime import cpu_compat, fastpath, fixes
+    from post_training.runtime import cpu_compat, fastpath, fixes, kv_format
 
-    return [*cpu_compat.PATCHES, *fixes.PATCHES, *fastpath.PATCHES]
+    return [*cpu_compat.PATCHES, *fixes.PATCHES, *kv_format.PATCHES, *fastpath.PATCHES]
 
 
 def get(name: str) -> Patch:
