@@ -146,11 +146,12 @@ def test_bounds_and_format_requirements(model):
 
 def test_tp2_over_gloo(tiny_llama, tmp_path):
     """One 2-rank launch (TP=2): both formats give the uncached TP=2 logits for the chunk, after
-    a roll-back and for a decode step, and agree with each other."""
+    a roll-back and for a decode step, and agree with each other; greedy generation (through
+    KVCache) matches the uncached TP=2 forward's first token."""
     out = tmp_path / "kv_tp2.pt"
-    torchrun(2, "kv_cache.py", "--hf-dir", str(tiny_llama), "--tp", "2", "--out", str(out))
-    r = torch.load(out)
-    p = r["prefix"]
+    torchrun(2, "forward.py", "--hf-dir", str(tiny_llama), "--tp", "2", "--kv-cache", "--out", str(out))
+    res = torch.load(out)
+    r, p = res["kv"], res["kv"]["prefix"]
     for fmt in ("rotated", "unrotated"):
         got = r[fmt]
         assert _diff(got["chunk"], r["full"][:, p:]) < TOL, fmt
@@ -158,3 +159,4 @@ def test_tp2_over_gloo(tiny_llama, tmp_path):
         assert _diff(got["step"], r["step_ref"]) < TOL, fmt
         assert got["length"] == r["full"].shape[1] + 1
     assert _diff(r["rotated"]["chunk"], r["unrotated"]["chunk"]) < TOL
+    assert res["tokens"][0] == int(res["logits"][0, -1].argmax())

@@ -54,6 +54,8 @@ def _registries():
 
 
 def _resolve(target: str) -> object:
+    """patches.resolve, written again on purpose: importing post_training.runtime.patches before
+    the first snapshot would import our modules before they are checked."""
     module, _, qualname = target.partition(":")
     obj: object = importlib.import_module(module)
     for part in qualname.split("."):
