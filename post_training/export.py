@@ -48,35 +48,6 @@ TP_FORMATS = ("fp8",)  # per-tensor scales only: block scales would need gatheri
 # TP-sharded parameters of the dense GPT layers this module gathers (others are refused at TP>1).
 _GATHERABLE = re.compile(r"(embedding\.word_embeddings|linear_qkv|linear_proj|linear_fc1|"
                          r"linear_fc2|output_layer)\.(weight|bias)$")
-def complete_exporter_imports() -> None:
-    """Version shim: ModelOpt 0.47 imports ``megatron.core.models.hybrid.hybrid_model.HybridModel``
-    (megatron-core >= 0.17; 0.16 calls it ``mamba.mamba_model.MambaModel``) inside one
-    ``import_plugin("megatron")`` block of ``unified_export_megatron.py``; the ImportError is
-    swallowed and every name after it in that block stays undefined, so the exporter dies with
-    ``NameError: HybridModel``. Define the names that block would have defined."""
-    import modelopt.torch.export.unified_export_megatron as uem
-
-    if uem.has_mcore:
-        return
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.mamba.mamba_model import MambaModel
-    from megatron.core.models.multimodal.llava_model import LLaVAModel
-    from megatron.core.ssm.mamba_layer import MambaLayer
-    from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.torch_norm import L2Norm
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    names = dict(HybridModel=MambaModel, LLaVAModel=LLaVAModel, MambaLayer=MambaLayer,
-                 IdentityOp=IdentityOp, L2Norm=L2Norm, TransformerLayer=TransformerLayer)
-    for fn in ("get_data_parallel_rank", "get_expert_model_parallel_group",
-               "get_expert_model_parallel_rank", "get_expert_model_parallel_world_size",
-               "get_pipeline_model_parallel_rank", "get_pipeline_model_parallel_world_size",
-               "get_tensor_model_parallel_rank"):
-        names[fn] = getattr(ps, fn)
-    for name, value in names.items():
-        if not hasattr(uem, name):
-            setattr(uem, name, value)
-    uem.has_mcore = True
 
 
 # ----------------------------------------------------------------------------- checks
@@ -204,7 +175,8 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
     from megatron.core import parallel_state as ps
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
-    complete_exporter_imports()
+    # ModelOpt 0.47's exporter needs the names of its megatron import block, which fails on
+    # megatron-core 0.16: the runtime's `modelopt_exporter_imports` patch defines them.
     model = unwrap(model)
     formats = check_exportable(model, rt)
     dtype = cfg.torch_dtype(model_dtype)

@@ -1,44 +1,21 @@
-"""Autoregressive generation with megatron-core's static KV cache, correct at any TP/PP.
+"""Autoregressive generation with the KV cache (:class:`post_training.inference.KVCache`),
+correct at any TP/PP.
 
 Every rank of a model-parallel group runs the same loop. With PP > 1 the activations
-travel stage to stage by point-to-point sends; the last stage samples and broadcasts the
-token to its pipeline group, so every rank returns the same tokens.
+travel stage to stage by point-to-point sends (:func:`stage_forward`); the last stage samples
+and broadcasts the token to its pipeline group, so every rank returns the same tokens.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from post_training.config import GenerateConfig
+from post_training.inference import KVCache, stage_forward
 from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
 
-
-def _stage_io(model) -> tuple[bool, bool]:
-    return model.pre_process, model.post_process
-
-
-def stage_forward(model, tokens: torch.Tensor, ctx: StaticInferenceContext | None) -> torch.Tensor | None:
-    """One forward of this rank's stage on ``tokens`` [b, s]. Returns full-vocab logits
-    [b, s', V] on the last stage (s' = 1 when the cache materializes only the last token),
-    None on other stages. Positions continue from the cache offset."""
-    first, last = _stage_io(model)
-    b, s = tokens.shape
-    offset = ctx.sequence_len_offset if ctx is not None else 0
-    positions = torch.arange(offset, offset + s, device=tokens.device).unsqueeze(0).expand(b, s)
-    if not first:
-        hidden = torch.empty(s, b, model.config.hidden_size, dtype=model.config.params_dtype,
-                             device=tokens.device)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(hidden)
-    out = model(tokens, positions, None, inference_context=ctx, runtime_gather_output=True)
-    if not last:
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out
+__all__ = ["generate", "sample", "stage_forward", "stop_token_ids"]
 
 
 def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | None) -> torch.Tensor:
@@ -72,7 +49,7 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
             f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceeds "
             f"--seq-length {max_seq_length}"
         )
-    ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=total)
+    cache = KVCache(max_batch_size=1, max_sequence_length=total)
     gen = torch.Generator(device=device).manual_seed(seed) if cfg.temperature > 0 else None
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out: list[int] = []
@@ -81,8 +58,7 @@ def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: 
     # with the CPU device itself, so the whole loop runs without the device-rewriting mode.
     with cpu_compat.device_mode_suspended():
         for _ in range(cfg.max_new_tokens):
-            logits = stage_forward(model, tokens, ctx)
-            ctx.increment_sequence_len_offset(tokens.size(1))
+            logits = cache.forward(model, tokens)
             nxt = torch.empty(1, dtype=torch.long, device=device)
             if logits is not None:
                 nxt = sample(logits[:, -1, :], cfg, gen)

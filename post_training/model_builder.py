@@ -113,12 +113,9 @@ def layer_spec(config: TransformerConfig, use_te: bool) -> ModuleSpec:
 
 
 def build_model(hf: Any, rt: Runtime, mcfg: ModelConfig) -> GPTModel:
-    """The GPTModel stage owned by this rank (pre/post process by pipeline position)."""
-    # Registers SDPAttention's KV-cache QuantModule with ModelOpt before any conversion or
-    # restore can meet the model; imported here, not at module load (ModelOpt's quantization
-    # package costs ~4 s, which quick bad-input exits should not pay).
-    import post_training.quant_modules  # noqa: F401
-
+    """The GPTModel stage owned by this rank (pre/post process by pipeline position).
+    SDPAttention's KV-cache QuantModule is registered with ModelOpt by the runtime
+    (``sdpa_kv_quant_module`` in :mod:`post_training.runtime.fixes`)."""
     config = transformer_config_from_hf(hf, rt, mcfg)
     te = use_te_spec(mcfg, rt)
     print_rank_0(f"layer spec: {'transformer_engine (ModelOpt)' if te else 'local + SDPA attention'}")

@@ -4,10 +4,15 @@ ModelOpt's megatron plugin registers KV-cache (BMM) quantization only for Transf
 ``TEDotProductAttention`` (``_QuantTEDotProductAttention`` in
 ``modelopt/torch/quantization/plugins/megatron.py``, defined only when TE imports). Our local
 layer spec uses ``SDPAttention`` instead, so without this module ``*[kv]_bmm_quantizer``
-configs would silently quantize nothing. Importing this module registers ``SDPAttention`` with
-the same behaviour: q/k/v ``TensorQuantizer``s applied to post-RoPE query/key/value, scalar
+configs would silently quantize nothing. :class:`QuantSDPAttention` gives ``SDPAttention`` the
+same behaviour: q/k/v ``TensorQuantizer``s applied to post-RoPE query/key/value, scalar
 quantizer state in the megatron sharded state dict, and the per-module quantizer state in
 ``_extra_state`` (callbacks installed by ModelOpt's ``megatron_replace_quant_module_hook``).
+
+Importing this module registers nothing: the ``sdpa_kv_quant_module`` entry of the patch registry
+(:mod:`post_training.runtime.fixes`, applied by ``init_runtime``) puts it in ModelOpt's
+``QuantModuleRegistry``, next to the fixes of ModelOpt's megatron sharding this module used to
+apply at import.
 """
 from __future__ import annotations
 
@@ -19,17 +24,15 @@ from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 # Importing the plugin registers ModelOpt's megatron hook (extra-state callbacks, attention
-# configuration for KV-cache quantization) that also serves the class registered below.
+# configuration for KV-cache quantization) that also serves QuantSDPAttention. That is
+# ModelOpt's own import-time registration, not a change of ours.
 import modelopt.torch.quantization.plugins.megatron  # noqa: F401
-from modelopt.torch.quantization.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
+from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
 from modelopt.torch.utils.distributed import ParallelState
-
-from post_training.attention import SDPAttention
 
 __all__ = ["QuantSDPAttention"]
 
 
-@QuantModuleRegistry.register({SDPAttention: "post_training_SDPAttention"})
 class QuantSDPAttention(QuantModule):
     """``SDPAttention`` with KV-cache quantization, mirroring ``_QuantTEDotProductAttention``.
 
@@ -89,84 +92,6 @@ class QuantSDPAttention(QuantModule):
 
     def set_extra_state(self, state: Any) -> None:
         return None
-
-
-def _glu_quantizer_sharding_fix() -> None:
-    """Apply megatron's SwiGLU sharded factory to ``linear_fc1``'s per-channel quantizer state.
-
-    ModelOpt's ``_MegatronMLP.sharded_state_dict`` (modelopt/torch/opt/plugins/megatron.py)
-    means to do this, but tests its key patterns (``weight_quantizer\\.(\\d+\\.)*_amax$``) with
-    ``re.match`` against full prefixed keys (``decoder.layers.0.mlp.linear_fc1...``), which
-    never match. The amax is then saved TP-chunked as [gate_0, up_0, gate_1, up_1] while the
-    weight is saved as [gate, up]: loaded at another TP, channel scales land on the wrong rows
-    (INT8 per-channel, TP=2 -> TP=1: logits off by 0.36). Same logic, ``re.search``."""
-    import re
-
-    from megatron.core.transformer import mlp as megatron_mlp
-    from modelopt.torch.opt.plugins.megatron import _MegatronMLP
-
-    if getattr(_MegatronMLP, "_post_training_fixed", False):
-        return
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        metadata = dict(metadata or {})
-        metadata["singleton_local_shards"] = True
-        sd = super(_MegatronMLP, self).sharded_state_dict(prefix, sharded_offsets, metadata)
-        if not self.config.gated_linear_unit:
-            return sd
-        patterns = [re.compile(p) for p in self._modelopt_state_keys]
-        for k, v in sd.items():
-            # Only per-channel state has the gate/up row layout; per-tensor (scalar) state is
-            # replicated and must stay as it is.
-            per_channel = getattr(v, "data", None) is not None and v.data.dim() > 0 and v.data.numel() > 1
-            if "linear_fc1" in k and per_channel and any(p.search(k) for p in patterns):
-                sd[k] = megatron_mlp.apply_swiglu_sharded_factory(
-                    v, sharded_offsets, metadata["singleton_local_shards"])
-        return sd
-
-    _MegatronMLP.sharded_state_dict = sharded_state_dict
-    _MegatronMLP._post_training_fixed = True
-
-
-_glu_quantizer_sharding_fix()
-
-
-def _output_layer_extra_state_fix() -> None:
-    """``GPTModel.sharded_state_dict`` (megatron-core 0.16.1) drops ``output_layer._extra_state``
-    and asserts it is empty. ModelOpt 0.47 patches only an older version of that method (it warns
-    "not the version ModelOpt patches"), so the output layer's quantizer state was never saved.
-    For ``auto_quantize`` checkpoints that is wrong, not just lossy: restoring its mode enables
-    8-bit quantizers everywhere and relies on each module's saved state to set them back, so the
-    output layer came back quantized (and loading asserted: "Boolean value of Tensor ... is
-    ambiguous"). Here the upstream method runs with that state hidden and the entry is kept
-    whenever it carries data, which is what ModelOpt's own patch does for older megatron-core."""
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    if getattr(GPTModel.sharded_state_dict, "_post_training_fixed", False):
-        return
-    upstream = GPTModel.sharded_state_dict
-
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        out = getattr(self, "output_layer", None)
-        if out is None or "get_extra_state" not in vars(out):  # no ModelOpt per-instance hook
-            return upstream(self, prefix, sharded_offsets, metadata)
-        hook = out.get_extra_state
-        out.get_extra_state = lambda: None
-        try:
-            sd = upstream(self, prefix, sharded_offsets, metadata)
-        finally:
-            out.get_extra_state = hook
-        key = f"{prefix}output_layer._extra_state"
-        extra = out.sharded_state_dict(prefix=f"{prefix}output_layer.", metadata=metadata).get(key)
-        data = getattr(extra, "data", None)
-        if data is not None and (not isinstance(data, torch.Tensor) or data.numel() > 0):
-            sd[key] = extra
-        return sd
-
-    sharded_state_dict._post_training_fixed = True
-    GPTModel.sharded_state_dict = sharded_state_dict
-
-
-_output_layer_extra_state_fix()
 
 
 def disable_unsaved_output_layer_quantizers(model, iter_dir) -> None:

@@ -117,8 +117,6 @@ def test_fp8_tp2_checkpoint_exports_as_modelopt_does(tiny_llama, runtime, tmp_pa
     equals what ModelOpt's exporter writes from the same checkpoint at TP=1."""
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
-    from post_training.export import complete_exporter_imports
-
     ckpt, out, raw = tmp_path / "fp8", tmp_path / "fp8-hf", tmp_path / "raw"
     torchrun(2, "ckpt.py", "save", "--hf-dir", str(tiny_llama), "--save", str(ckpt), "--tp", "2",
              "--quantize", "fp8")
@@ -138,8 +136,7 @@ def test_fp8_tp2_checkpoint_exports_as_modelopt_does(tiny_llama, runtime, tmp_pa
     assert (deq - orig).abs().max() <= orig.abs().max() / 16  # e4m3: 3 mantissa bits
 
     src = SourceConfig(load=str(ckpt))
-    model, _, _ = setup_model(src, ModelConfig(), runtime)
-    complete_exporter_imports()
+    model, _, _ = setup_model(src, ModelConfig(), runtime)  # the runtime completed the exporter's imports
     raw.mkdir()
     export_mcore_gpt_to_hf(model, str(source_hf_dir(src)), dtype=torch.float32, export_dir=str(raw))
     assert_same_tensors(got, tensors(raw))

@@ -85,7 +85,7 @@ def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
 
     model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime)
     ids = torch.randint(0, 49152, (1, 17), generator=torch.Generator().manual_seed(4))
-    assert fastpath._ORIGINALS, "fast paths are installed on CPU"
+    assert fastpath.is_applied(), "fast paths are installed on CPU"
     with torch.inference_mode():
         fast = stage_forward(model, ids, None)
     with torch.no_grad():  # not inference mode: original megatron path
@@ -104,18 +104,17 @@ def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
     assert model.decoder.layers[0].mlp.linear_fc1.weight.grad is not None
 
 
-def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Prefill, then ``steps`` greedy decode steps through megatron's static KV cache."""
-    from megatron.core.inference.contexts import StaticInferenceContext
+def _cached_decode_logits(model, prompt: torch.Tensor, steps: int, keys_rotated: bool = True) -> torch.Tensor:
+    """Prefill, then ``steps`` greedy decode steps through the KV cache (megatron's static
+    context; keys rotated by default, as on CPU)."""
+    from post_training.inference import KVCache
 
-    from post_training.generate import stage_forward
-
-    ctx = StaticInferenceContext(max_batch_size=1, max_sequence_length=prompt.size(1) + steps + 1)
+    cache = KVCache(max_batch_size=1, max_sequence_length=prompt.size(1) + steps + 1,
+                    keys_rotated=keys_rotated)
     tokens, out = prompt, []
     with torch.inference_mode():
         for _ in range(steps + 1):
-            logits = stage_forward(model, tokens, ctx)[:, -1]
-            ctx.increment_sequence_len_offset(tokens.size(1))
+            logits = cache.forward(model, tokens)[:, -1]
             out.append(logits.clone())
             tokens = logits.argmax(-1, keepdim=True)
     return torch.stack(out)
@@ -123,12 +122,12 @@ def _cached_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tens
 
 @contextlib.contextmanager
 def _originals(*keys):
-    """Megatron's own functions at these fast-path sites, the other fast paths kept."""
-    from post_training.runtime import fastpath
+    """Megatron's own functions at these patched sites, the other patches kept."""
+    from post_training.runtime import patches
 
     wrappers = {k: getattr(*k) for k in keys}
     for (owner, name) in keys:
-        setattr(owner, name, fastpath._ORIGINALS[(owner, name)])
+        setattr(owner, name, patches.original(owner, name))
     try:
         yield
     finally:
@@ -146,7 +145,9 @@ def _lean_layer_sites():
 def test_fastpath_rotated_key_cache_and_mlp_equal_megatron(tiny_llama, runtime):
     """Keys rotated once before caching, and the lean gated MLP, give megatron's decode logits
     at every step exactly (the original re-rotates the whole cache in the same rope formula).
-    Checked under megatron's own layer forward, which calls these sites."""
+    Checked under megatron's own layer forward, which calls these sites. (The rotated-key
+    wrapper is the kv_format patch now, not a fast path; megatron's function is swapped in the
+    same way.)"""
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.mlp import MLP
 
@@ -161,7 +162,7 @@ def test_fastpath_rotated_key_cache_and_mlp_equal_megatron(tiny_llama, runtime):
         fast = _cached_decode_logits(model, prompt, 6)
         for site in ((Attention, "_adjust_key_value_for_inference"), (MLP, "forward")):
             with _originals(site):  # each fast path alone against megatron's function
-                orig = _cached_decode_logits(model, prompt, 6)
+                orig = _cached_decode_logits(model, prompt, 6, keys_rotated=site[0] is not Attention)
             assert torch.equal(fast, orig), site
     fastpath.remove()
     try:
@@ -213,9 +214,9 @@ def test_rope_table_is_computed_on_one_thread_and_threads_restored(runtime):
     """cos/sin of a rotary table above torch's 2048-element split are computed on one thread
     (a threaded MKL vmsCos once returned low-accuracy values for half a table), then the
     thread count is back; the values are torch's own cos/sin."""
-    from post_training.runtime import fastpath
+    from post_training.runtime import kernels
 
-    cache = fastpath._CosSinCache()
+    cache = kernels.CosSinCache()
     freqs = torch.outer(torch.arange(40.0), torch.rand(64, generator=torch.Generator().manual_seed(0)))
     freqs = freqs[:, None, None, :].contiguous()
     threads = torch.get_num_threads()

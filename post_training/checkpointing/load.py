@@ -25,7 +25,8 @@ def model_sharded_state_dict(model) -> dict:
     ModelOpt 0.47's column-parallel LoRA plugin shards lora_b plainly on dim 0, i.e. globally as
     ``[gate_0; up_0; gate_1; up_1]`` at TP=2, which megatron's MLP (it wraps only ``weight`` and
     ``bias`` in the SwiGLU factory) leaves alone: reloaded at another TP, gate and up rows of the
-    update swap (TP=2 -> TP=1: logits off by 2.3)."""
+    update swap (TP=2 -> TP=1: logits off by 2.3). A local transform, not a patch of the plugin:
+    listed in the patch registry as ``lora_glu_sharding`` (post_training/runtime/fixes.py says why)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 

@@ -5,7 +5,8 @@ ModelOpt fake-quantizes these formats only with CUDA code. Its single entry poin
 kernel of ``torch.ops.tensorrt.dynamic_block_quantize_op``, called by
 ``DynamicBlockQuantizationFunction`` from ``TensorQuantizer._fake_quantize``), asserts
 ``amax.is_cuda`` for E4M3-scaled formats (NVFP4) and builds the CUDA extension
-``modelopt_cuda_ext_mx`` for everything else (MX, E8M0 scales). :func:`install` registers
+``modelopt_cuda_ext_mx`` for everything else (MX, E8M0 scales). :func:`install` (the patch
+registry's ``block_quant_cpu`` entry, applied by ``init_runtime`` without CUDA) registers
 :func:`dynamic_block_quantize` as the op's CPU kernel; CUDA tensors still go to ModelOpt.
 
 The emulation follows the two GPU code paths step by step, in plain torch:
@@ -267,6 +268,19 @@ def install() -> bool:
 
         tq.dynamic_block_quantize_op = cpu_or_cuda
     return True
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: the dispatcher falls back to the kernel registered before ours."""
+    global _LIB, _ORIGINAL_OP
+    if _LIB is not None:
+        _LIB._destroy()
+        _LIB = None
+    if _ORIGINAL_OP is not None:
+        from modelopt.torch.quantization import tensor_quant as tq
+
+        tq.dynamic_block_quantize_op = _ORIGINAL_OP
+        _ORIGINAL_OP = None
 
 
 def is_installed() -> bool:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from post_training.config import ParallelConfig
-from post_training.runtime import cpu_compat, fastpath
+from post_training.runtime import cpu_compat, patches
 from post_training.utils import UsageError, free_port
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -26,7 +26,7 @@ class Runtime:
     tp: int
     pp: int
     dp: int
-    cpu_compat: bool
+    cpu_compat: bool  # the CPU shims are active (CPU without CUDA, unless PT_NO_CPU_COMPAT=1)
 
     @property
     def is_cpu(self) -> bool:
@@ -88,9 +88,9 @@ def init_runtime(cfg: ParallelConfig) -> Runtime:
             f"launch TP*PP*DP ranks"
         )
     device = _resolve_device(cfg.device, local_rank)
-    compat = cpu_compat.apply() if device.type == "cpu" else False
-    if device.type == "cpu" and os.environ.get("PT_NO_FASTPATH") != "1":
-        fastpath.apply()
+    # Every change to upstream behaviour, for this device (post_training/runtime/patches.py).
+    patches.apply_runtime(device.type, torch.cuda.is_available())
+    compat = cpu_compat.is_applied()
     # On CPU torch.cuda.is_available() is False, so megatron-core never asks for nccl.
     backend = BACKENDS[device.type]
     if not dist.is_initialized():

@@ -11,19 +11,19 @@ runs the same ops on the layer's own modules for the common dense GPT layer and 
     -> static KV cache write -> core_attention -> linear_proj -> + residual
     -> pre_mlp_layernorm -> MLP -> + residual
 
-RoPE of the keys is applied once before caching, as ``fastpath._adjust_kv_rotated`` does;
+It runs only for a cache that declares rotated keys (:mod:`.kv_format`): RoPE of the keys is
+applied once before caching, as the ``kv_cache_rotated_keys`` patch does on megatron's path;
 with one shared table and identity q/k norms, q and k are rotated in one elementwise pass.
 Linear layers of megatron's exact classes without hooks are called as ``F.linear`` (+ the
 TP reduce for row-parallel); any other module (ModelOpt-quantized linears, a quantized core
 attention, hooks for calibration) goes through its own ``__call__``. The logits equal those
-of megatron's layer with the other fast paths, bit for bit (tests/test_runtime.py).
+of megatron's layer with the other fast paths, bit for bit (tests/test_runtime.py). The
+fast-path registry entries that route megatron's forwards here are in :mod:`.fastpath`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import attention as attn_mod
 from megatron.core.transformer.attention import SelfAttention
@@ -35,7 +35,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch.nn.modules import module as nn_module
 
-from post_training.runtime import fastpath
+from post_training.runtime import kernels
+from post_training.runtime.kv_format import keys_rotated
 
 
 def _qualifies(layer) -> bool:
@@ -80,22 +81,21 @@ def _identity_qk_norms(att) -> bool:
 
 
 def _joint_rope(t, freqs, cfg):
-    """``fastpath._rope_bshd`` (the table's cos/sin cached per forward), or NotImplemented
+    """``kernels.rope_bshd`` (the table's cos/sin cached per forward), or NotImplemented
     where megatron's own formula differs (interleaved, partial rotary, YaRN mscale, MLA)."""
-    return fastpath._rope_bshd(t, freqs, rotary_interleaved=cfg.rotary_interleaved,
+    return kernels.rope_bshd(t, freqs, rotary_interleaved=cfg.rotary_interleaved,
                                multi_latent_attention=cfg.multi_latent_attention,
                                mscale=attn_mod._yarn_get_concentration_factor_from_config(cfg))
 
 
 def _column(mod, x):
     """ColumnParallelLinear's inference forward: the input copy to the TP region is an
-    identity, the linear and bias add as ``fastpath._linear_frozen``."""
+    identity, the linear and bias add as ``kernels.linear``."""
     if not _plain(mod, ColumnParallelLinear) or mod.gather_output or mod.explicit_expert_comm:
         return mod(x)
-    out = F.linear(x, mod.weight)
-    if mod.skip_bias_add or mod.bias is None:
-        return out, (mod.bias if mod.skip_bias_add else None)
-    return out + mod.bias, None
+    if mod.skip_bias_add:
+        return kernels.linear(x, mod.weight), mod.bias
+    return kernels.linear(x, mod.weight, mod.bias), None
 
 
 def _row(mod, x):
@@ -103,19 +103,19 @@ def _row(mod, x):
     if (not _plain(mod, RowParallelLinear) or not mod.input_is_parallel or mod.explicit_expert_comm
             or mod.tp_group is None):
         return mod(x)
-    out = F.linear(x, mod.weight)
+    out = kernels.linear(x, mod.weight)
     if mod.tp_group.size() > 1:
-        out = mappings._reduce(out, mod.tp_group)
+        out = kernels.tp_all_reduce(out, mod.tp_group)
     if mod.skip_bias_add:
         return out, mod.bias
     return (out + mod.bias if mod.bias is not None else out), None
 
 
 def _mlp(mlp, x):
-    """``fastpath.gated_mlp`` with the linears above; else the module."""
+    """``kernels.gated_mlp`` with the linears above; else the module."""
     out = NotImplemented
     if type(mlp) is MLP and _no_hooks(mlp):
-        out = fastpath.gated_mlp(mlp, x, _column, _row)
+        out = kernels.gated_mlp(mlp, x, _column, _row)
     return mlp(x) if out is NotImplemented else out
 
 
@@ -124,8 +124,9 @@ def layer_forward(self, hidden_states, attention_mask=None, context=None, contex
                   rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                   packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
     ctx = inference_context
-    if (ctx is None or not ctx.is_static_batching() or self.training or context is not None
-            or attention_bias is not None or packed_seq_params is not None
+    # Only a cache declared to hold rotated keys: this path stores keys after RoPE.
+    if (ctx is None or not keys_rotated(ctx) or not ctx.is_static_batching() or self.training
+            or context is not None or attention_bias is not None or packed_seq_params is not None
             or rotary_pos_cos is not None or rotary_pos_sin is not None
             or rotary_pos_cos_sin is not None or kwargs.get("inference_params") is not None):
         return NotImplemented
@@ -170,8 +171,8 @@ def layer_forward(self, hidden_states, attention_mask=None, context=None, contex
             key = att.k_layernorm(key)
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            key = fastpath.rotate_rows(att, key, k_emb, start)
-            query = fastpath.rotate_rows(att, query, q_emb, start)
+            key = kernels.rotate_rows(att, key, k_emb, start)
+            query = kernels.rotate_rows(att, query, q_emb, start)
 
     memory = ctx.key_value_memory_dict.get(att.layer_number)
     if memory is None:
@@ -188,8 +189,8 @@ def layer_forward(self, hidden_states, attention_mask=None, context=None, contex
                               attention_mask, attn_mask_type=mask_type, attention_bias=None,
                               packed_seq_params=None)
     # get_bias_dropout_add in eval, as fastpath's bias-dropout-add path computes it.
-    hidden = fastpath.add_bias_residual_(*_row(att.linear_proj, core), residual)
-    hidden = fastpath.add_bias_residual_(*_mlp(self.mlp, self.pre_mlp_layernorm(hidden)), hidden)
+    hidden = kernels.add_bias_residual_(*_row(att.linear_proj, core), residual)
+    hidden = kernels.add_bias_residual_(*_mlp(self.mlp, self.pre_mlp_layernorm(hidden)), hidden)
     return hidden, context
 
 

@@ -1,4 +1,6 @@
-"""Worker: full-sequence logits and greedy tokens of a model at a given TP/PP.
+"""Worker: full-sequence logits and greedy tokens of a model at a given TP/PP; with
+``--kv-cache``, also the KV cache in both key formats (one launch checks several things, each
+launch costs ~15 s; tests/test_kv_cache.py asserts on them).
 
 Run under torchrun. The rank holding the last stage with TP rank 0 writes the result.
 """
@@ -13,7 +15,43 @@ from post_training.data import render_prompt
 from post_training.generate import stage_forward, generate
 from post_training.config import GenerateConfig
 from post_training.config import ModelConfig
-from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
+from post_training.inference import KVCache
+from post_training.runtime import ParallelConfig, destroy_runtime, fastpath, init_runtime
+
+
+def kv_run(model, ids: torch.Tensor, draft: torch.Tensor, prefix: int, keys_rotated: bool) -> dict:
+    """Prefix, then a chunk with all logits; and prefix, a rejected draft chunk, truncate, the
+    chunk again (speculative decoding's verify-and-roll-back); then one decode step."""
+    k = ids.size(1) - prefix
+    cache = KVCache(1, ids.size(1) + k, keys_rotated=keys_rotated)
+    cache.forward(model, ids[:, :prefix], all_logits=True)
+    chunk = cache.forward(model, ids[:, prefix:], all_logits=True)
+    cache.truncate(prefix)
+    cache.forward(model, draft, all_logits=True)  # rejected: rolled back below
+    cache.truncate(prefix)
+    again = cache.forward(model, ids[:, prefix:], all_logits=True)
+    step = cache.forward(model, ids[:, -1:])  # last-token logits only
+    return {"chunk": chunk, "again": again, "step": step, "length": cache.length}
+
+
+def kv_checks(model) -> dict:
+    """Keys rotated (fast paths on, inference mode: the lean layer) and keys unrotated (fast
+    paths removed: megatron's path) on the same tokens, with the uncached references."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 49152, (1, 14), generator=g)
+    draft = torch.randint(0, 49152, (1, 4), generator=g)
+    with torch.inference_mode():
+        full = stage_forward(model, ids, None)
+        step_ref = stage_forward(model, torch.cat([ids, ids[:, -1:]], 1), None)
+        rotated = kv_run(model, ids, draft, 10, keys_rotated=True)
+    fastpath.remove()
+    try:
+        with torch.inference_mode():
+            unrotated = kv_run(model, ids, draft, 10, keys_rotated=False)
+    finally:
+        fastpath.apply()
+    last = step_ref[:, -1:] if step_ref is not None else None
+    return {"full": full, "step_ref": last, "rotated": rotated, "unrotated": unrotated, "prefix": 10}
 
 
 def main() -> None:
@@ -24,6 +62,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--kv-cache", action="store_true")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     model, tok, _ = setup_model(SourceConfig(pretrained_model_path=a.hf_dir), ModelConfig(), rt)
@@ -31,8 +70,9 @@ def main() -> None:
     with torch.inference_mode():
         logits = stage_forward(model, torch.tensor([ids]), None)
     tokens = generate(model, ids, GenerateConfig(max_new_tokens=a.max_new_tokens))
+    kv = kv_checks(model) if a.kv_cache else None
     if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
-        torch.save({"logits": logits, "tokens": tokens, "ids": ids}, a.out)
+        torch.save({"logits": logits, "tokens": tokens, "ids": ids, "kv": kv}, a.out)
     destroy_runtime()
 
 
