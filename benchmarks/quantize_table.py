@@ -85,7 +85,7 @@ def main() -> None:
     from post_training.model_builder import setup_model
     from post_training.data import builtin_text, token_chunks
     from post_training.evaluation.perplexity import perplexity
-    from post_training.generate import stage_forward
+    from post_training.inference import stage_forward
     from post_training.config import ModelConfig
     from post_training.config import AUTO
     from post_training.quantization.calibration import calibration_samples, forward_loop

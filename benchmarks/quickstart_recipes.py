@@ -37,7 +37,8 @@ def main() -> None:
     from post_training.config import GenerateConfig, ModelConfig, ParallelConfig, QuantizeConfig, SourceConfig
     from post_training.data import DEFAULT_PROMPTS, builtin_text, render_prompt, token_chunks
     from post_training.evaluation.perplexity import perplexity
-    from post_training.generate import generate, stage_forward, stop_token_ids
+    from post_training.generate import generate, stop_token_ids
+    from post_training.inference import stage_forward
     from post_training.model_builder import setup_model
     from post_training.quantization.calibration import calibration_samples
     from post_training.quantization.ptq import calibrate_and_quantize

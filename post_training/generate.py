@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from post_training.config import GenerateConfig
-from post_training.inference import KVCache, stage_forward
+from post_training.inference import KVCache
 from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
 
-__all__ = ["generate", "sample", "stage_forward", "stop_token_ids"]
+__all__ = ["generate", "sample", "stop_token_ids"]
 
 
 def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | None) -> torch.Tensor:

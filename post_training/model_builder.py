@@ -20,18 +20,10 @@ from post_training import hf as hf_mod
 from post_training.attention import SDPAttention
 from post_training.config import EMBEDDED_MODEL, ModelConfig, SourceConfig
 from post_training.runtime import Runtime
+from post_training.runtime.dist import have_te
 from post_training.utils import UsageError, print_rank_0
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-
-
-def have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-
-        return True
-    except Exception:  # TE raises more than ImportError when CUDA is missing
-        return False
 
 
 _hf_get = hf_mod.hf_get

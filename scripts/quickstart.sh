@@ -11,5 +11,5 @@ export MLM_MODEL_SAVE="${MLM_MODEL_SAVE:-$ROOT/outputs/quickstart}"
 start=$SECONDS
 echo "[quickstart] ${QUANT_CFG:-FP8_DEFAULT_CFG} PTQ of the embedded SmolLM2-135M-Instruct (TP=${TP:-1})"
 bash "$ROOT/scripts/quantize.sh" HuggingFaceTB/SmolLM2-135M-Instruct "${QUANT_CFG:-FP8_DEFAULT_CFG}" \
-  --calib-dataset builtin-chat --calib-size 16 "$@"
+  --calib-dataset builtin-chat --calib-size 28 --calib-seq-length 256 "$@"
 echo "[quickstart] done in $((SECONDS - start))s"

@@ -274,7 +274,7 @@ def test_mtq_quantize_tiny_llama_on_cpu(tiny_llama, runtime, name: str, lo: floa
     amount. Measured on this random 4-layer model (flat logits, std 0.64): NVFP4 relative error
     0.378, argmax agreement 0.31; MXFP8 0.099 / 0.79. For scale, on the same model and tokens:
     FP8 per-tensor W+A 0.106, INT4 block-128 weight-only 0.327, NVFP4 weight-only 0.327."""
-    from post_training.generate import stage_forward
+    from post_training.inference import stage_forward
 
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
     model = _build(tiny_llama, runtime)

@@ -19,7 +19,8 @@ from post_training.data import render_prompt
 from post_training.export import export_model, export_problem
 from post_training.io.formats import parse_size
 from post_training.config import ExportConfig
-from post_training.generate import stage_forward, generate
+from post_training.generate import generate
+from post_training.inference import stage_forward
 from post_training.config import GenerateConfig
 from post_training.config import ModelConfig
 from post_training.utils import UsageError

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from post_training.config import SourceConfig
 from post_training.model_builder import setup_model
-from post_training.generate import stage_forward
+from post_training.inference import stage_forward
 from post_training.config import ModelConfig
 
 

@@ -24,7 +24,7 @@ from modelopt.torch.utils import safe_load
 
 from post_training.config import SourceConfig
 from post_training.model_builder import setup_model
-from post_training.generate import stage_forward
+from post_training.inference import stage_forward
 from post_training.config import ModelConfig
 from post_training.quant_modules import QuantSDPAttention
 

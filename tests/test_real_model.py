@@ -10,7 +10,8 @@ from post_training.config import SourceConfig
 from post_training.hf import load_tokenizer
 from post_training.model_builder import setup_model
 from post_training.data import render_prompt
-from post_training.generate import stage_forward, generate
+from post_training.generate import generate
+from post_training.inference import stage_forward
 from post_training.config import GenerateConfig
 from post_training.config import ModelConfig
 

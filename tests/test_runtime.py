@@ -79,7 +79,7 @@ def test_fastpath_is_exact_and_leaves_autograd_alone(tiny_llama, runtime):
     inference mode the originals (autograd Functions) still run."""
     from post_training.config import SourceConfig
     from post_training.model_builder import setup_model
-    from post_training.generate import stage_forward
+    from post_training.inference import stage_forward
     from post_training.config import ModelConfig
     from post_training.runtime import fastpath
 

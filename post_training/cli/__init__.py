@@ -27,6 +27,12 @@ QUIET_WARNINGS = (
     # torch deprecations raised inside megatron-core's dist-checkpoint reader
     r"`load_state_dict` is deprecated and will be removed",
     r"Please use DTensor instead and we are deprecating ShardedTensor",
+    # ModelOpt: the output-layer sharded-state fix it means is applied by the toolkit's patch
+    # registry (gpt_output_layer_extra_state); the toolkit's modules need no parallel_state of
+    # their own (TP groups come from megatron); a torch notice about its own state serializer
+    r"GPTModel.sharded_state_dict is not the version ModelOpt patches",
+    r"Distributed training is initialized but no parallel_state is set",
+    r"The given buffer is not writable",
 )
 
 

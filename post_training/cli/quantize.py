@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     def save(quantized) -> None:
         save_checkpoint(quantized, rt, args.save.save, None, hf_dir=Path(hf_config.name_or_path),
                         model_conf=args.source.model_conf, keep_last=args.save.keep_last)
-        if rt.tp_rank == 0 and ps_dp_rank() == 0:  # ModelOpt's full table, one file per stage
+        if rt.tp_rank == 0 and rt.dp_rank == 0:  # ModelOpt's full table, one file per stage
             name = "quant_summary.txt" if rt.pp == 1 else f"quant_summary.pp{rt.pp_rank}.txt"
             (Path(args.save.save) / name).write_text(full_table(quantized))
 
@@ -105,12 +105,6 @@ def main(argv: list[str]) -> int:
             "answers": [{"prompt": p, "before": a, "after": b} for p, a, b in zip(prompts, res.before, res.after)],
         }, indent=1, ensure_ascii=False))
     return 0
-
-
-def ps_dp_rank() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_rank()
 
 
 def cli_main() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from post_training.evaluation.inputs import Question, encode
 from post_training.evaluation.perplexity import dp_shard
-from post_training.generate import stage_forward
+from post_training.inference import stage_forward
 from post_training.runtime.collectives import last_stage_dp_sum
 
 

@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from post_training.config import EvalConfig
-from post_training.generate import stage_forward
+from post_training.inference import stage_forward
 from post_training.runtime.collectives import last_stage_dp_sum
 
 # Cross-entropy is taken over this many positions at a time: a [b, s, V] fp32 copy of 4096 x 49k

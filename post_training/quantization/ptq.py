@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 from post_training.config import AUTO, GenerateConfig, QuantizeConfig
-from post_training.generate import generate, stage_forward
+from post_training.generate import generate
+from post_training.inference import stage_forward
 from post_training.quantization.calibration import forward_loop
 from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
 from post_training.runtime import Runtime
@@ -135,13 +136,11 @@ class PTQResult:
     bytes_plain: int = 0
 
 
-def _model_weight_bytes(model) -> tuple[int, int]:
+def _model_weight_bytes(model, rt: Runtime) -> tuple[int, int]:
     """:func:`report.weight_bytes` summed over TP ranks and PP stages (one DP replica). Collective."""
-    from megatron.core import parallel_state as ps
-
     from post_training.quantization.report import weight_bytes
 
-    mine = (ps.get_data_parallel_rank(), *weight_bytes(model))
+    mine = (rt.dp_rank, *weight_bytes(model))
     parts = [p for p in gather_objects(mine) if p[0] == 0]
     return sum(p[1] for p in parts), sum(p[2] for p in parts)
 
@@ -170,7 +169,7 @@ def run_ptq(model, tokenizer, qcfg: QuantizeConfig, samples: list[list[int]], pr
     print_quant_summary(model, rt, verbose)
     if save is not None:
         save(model)
-    quantized, plain = _model_weight_bytes(model)
+    quantized, plain = _model_weight_bytes(model, rt)
     # Fake-quantizing every weight at every decode step is the slow part of CPU generation;
     # folding applies the weight quantizers once (same outputs) for the answers below.
     mtq.fold_weight(model)

@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from post_training.model_builder import have_te
 from post_training.runtime import patches
+from post_training.runtime.dist import have_te
 
 if "--init" in sys.argv[1:]:
     from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime

@@ -39,6 +39,12 @@ class Runtime:
         return ps.get_tensor_model_parallel_rank()
 
     @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    @property
     def pp_rank(self) -> int:
         from megatron.core import parallel_state as ps
 
@@ -176,3 +182,13 @@ def memory_report(tag: str = "") -> str:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     parts.append(f"rss {rss:.2f} GiB peak {peak:.2f} GiB")
     return " | ".join(parts)
+
+
+def have_te() -> bool:
+    """Transformer Engine imports (it raises more than ImportError when CUDA is missing)."""
+    try:
+        import transformer_engine  # noqa: F401
+
+        return True
+    except Exception:
+        return False

@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 from post_training.checkpointing import save_checkpoint
 from post_training.config import SourceConfig
 from post_training.model_builder import setup_model
-from post_training.generate import stage_forward
+from post_training.inference import stage_forward
 from post_training.config import ModelConfig
 import post_training.runtime.dist as rtdist
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime

@@ -12,7 +12,8 @@ from megatron.core import parallel_state as ps
 from post_training.config import SourceConfig
 from post_training.model_builder import setup_model
 from post_training.data import render_prompt
-from post_training.generate import stage_forward, generate
+from post_training.generate import generate
+from post_training.inference import stage_forward
 from post_training.config import GenerateConfig
 from post_training.config import ModelConfig
 from post_training.inference import KVCache

@@ -15,7 +15,7 @@ from post_training.checkpointing import save_checkpoint
 from post_training.config import SourceConfig
 from post_training.hf import source_hf_dir
 from post_training.model_builder import setup_model
-from post_training.generate import stage_forward
+from post_training.inference import stage_forward
 from post_training.config import ModelConfig
 from post_training.quantization.ptq import next_token_loss
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime

@@ -13,7 +13,7 @@ row-parallel one (``linear_proj``, ``linear_fc2``) splits A on its input columns
 replicated, and either way the global B @ A has the rows and columns of the global W. The fold is
 done on the megatron weight, before the megatron -> HF split (qkv groups, fc1 gate/up), so B's rows
 must be in W's row order: they are for ``linear_fc1`` because the toolkit saves its lora_b in the
-SwiGLU layout of the weight (:func:`post_training.checkpoint_load.model_sharded_state_dict`).
+SwiGLU layout of the weight (:func:`post_training.checkpointing.load.model_sharded_state_dict`).
 """
 from __future__ import annotations
 
