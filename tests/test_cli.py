@@ -1,10 +1,11 @@
 """scripts/generate.sh end to end: answers between markers, and one clear line per bad input."""
 import json
 import shutil
+import subprocess
 
 import pytest
 
-from dist_utils import clean_env, run_script
+from dist_utils import PY, ROOT, clean_env, run_script
 
 
 def error_lines(res):
@@ -99,3 +100,30 @@ def test_convert_script_dispatches_checkpoint_tools(tiny_llama, tmp_path):
     assert rep["kind"] == "hf-model" and rep["architecture"].startswith("LlamaForCausalLM")
     res = run_script("convert.sh", "inspect", str(tmp_path / "nothing"))
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+TASK_SCRIPTS = ("convert", "evaluate", "export", "generate", "mmlu", "quantize")
+
+
+def test_every_script_has_help_with_its_env_and_runs_as_python():
+    """`--help` of every task script lists its flags and the environment variables behind them;
+    each script is also valid python (torchrun runs it so), and that python hands over to bash."""
+    for name in TASK_SCRIPTS:
+        path = ROOT / "scripts" / f"{name}.sh"
+        compile(path.read_text(), str(path), "exec")  # torchrun's interpreter accepts the file
+        res = run_script(f"{name}.sh", "--help")
+        assert res.returncode == 0, (name, res.stderr[-2000:])
+        for text in ("--tensor-model-parallel-size", "[env TP]", "MLM_EXTRA_ARGS", "NNODES", f"scripts/{name}.sh"):
+            assert text in res.stdout, (name, text)
+    assert "[env MLM_MODEL_SAVE]" in run_script("quantize.sh", "--help").stdout
+    assert "[env EXPORT_DIR]" in run_script("export.sh", "--help").stdout
+
+
+def test_outside_torchrun_layout_mismatch_is_one_line(tiny_llama):
+    env = clean_env(HF_MODEL_CKPT=str(tiny_llama), TP="1", DP="1")
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          env["MASTER_PORT"], str(ROOT / "scripts" / "generate.sh")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode != 0
+    ours = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert ours == ["error: torchrun started 2 ranks but TP*PP*DP = 1*1*1 = 1"]
