@@ -88,3 +88,44 @@ def runtime():
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     return init_runtime(ParallelConfig(device="cpu"))
+
+
+# ----------------------------------------------------------------------------- multi-rank launches
+# Each torchrun launch costs 10-20 s of process start-up on 2 cores, so the multi-rank checks of
+# one layout share one launch (tests/workers/multi.py); the tests read their part of the result.
+
+
+@pytest.fixture(scope="session")
+def mr_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("multirank")
+
+
+def _multi(nproc: int, out: Path, hf_dir: Path, *args: str) -> dict:
+    from dist_utils import torchrun
+
+    torchrun(nproc, "multi.py", "--hf-dir", str(hf_dir), "--out", str(out), *args)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def mr_tp2(tiny_llama, mr_dir) -> dict:
+    """TP=2: forward + KV cache, 4 training steps, and checkpoints saved at TP=2: plain ("tp2"),
+    FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache ("int8")."""
+    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train",
+                  "--save", f"tp2={mr_dir / 'tp2'}", "--save", f"fp8={mr_dir / 'fp8'}:fp8",
+                  "--save", f"int8={mr_dir / 'int8'}:int8")
+
+
+@pytest.fixture(scope="session")
+def mr_pp2(tiny_llama, mr_dir, mr_tp2) -> dict:
+    """PP=2: forward, 4 training steps, a checkpoint saved at PP=2 ("pp2"), and the TP=2
+    checkpoint loaded at TP=1 PP=2 ("load:tp2")."""
+    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train",
+                  "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}")
+
+
+@pytest.fixture(scope="session")
+def mr_2x2(tiny_llama, mr_dir, mr_pp2) -> dict:
+    """TP=2 x PP=2 (4 ranks): forward, and the PP=2 checkpoint loaded at TP=2 PP=2 ("load:pp2")."""
+    return _multi(4, mr_dir / "2x2.pt", tiny_llama, "--tp", "2", "--pp", "2", "--forward",
+                  "--load", f"pp2={mr_dir / 'pp2'}")

@@ -2,6 +2,7 @@
 environment variables as defaults, and entry points that parse and preflight without
 megatron-core."""
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -63,25 +64,27 @@ def test_help_lists_flags_and_environment(capsys):
 
 def test_entry_points_parse_and_preflight_without_megatron(tiny_llama):
     """Importing an entry point and preflighting its input imports neither megatron-core nor
-    the model code (the launcher runs this before torchrun starts N ranks)."""
-    code = (
-        "import sys\n"
-        f"import post_training.cli.{{m}} as e\n"
-        "try:\n"
-        f"    e.main(['--preflight', '--pretrained-model-path', {str(tiny_llama)!r}] + {{extra}})\n"
-        "except SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('megatron', 'modelopt', 'post_training.model_builder') if m in sys.modules))\n"
-    )
+    the model code (the launcher runs this before torchrun starts N ranks). One fresh process
+    runs every entry's preflight in turn (quantize last: it imports ModelOpt, see below) and
+    reports what each had loaded."""
     extra = {"export": ["--export-dir", "/tmp/nonexistent-export-dir"], "convert": ["--save", "/tmp/x"],
              "evaluate": ["--seq-length", "16", "--eval-max-chunks", "1"], "quantize": []}
+    code = "import importlib, json, sys\nseen = {}\n"
+    for m in ENTRIES:  # alphabetical: quantize is last
+        code += (f"importlib.import_module('post_training.cli.{m}').main(['--preflight', "
+                 f"'--pretrained-model-path', {str(tiny_llama)!r}] + {extra.get(m, [])!r})\n"
+                 f"seen[{m!r}] = sorted(x for x in ('megatron', 'modelopt', 'post_training.model_builder') "
+                 "if x in sys.modules)\n")
+    code += "print(json.dumps(seen))\n"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    assert list(seen) == list(ENTRIES) and ENTRIES[-1] == "quantize"
     for m in ENTRIES:
-        res = subprocess.run([sys.executable, "-c", code.format(m=m, extra=extra.get(m, []))], cwd=ROOT,
-                             env=clean_env(), capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-2000:]
-        loaded = eval(res.stdout.strip().splitlines()[-1])
         # quantize resolves its ModelOpt config name in the preflight, and importing ModelOpt's
         # quantization package imports megatron-core (its plugins); the model code stays out
-        assert loaded == (["megatron", "modelopt"] if m == "quantize" else []), (m, loaded)
+        assert seen[m] == (["megatron", "modelopt"] if m == "quantize" else []), (m, seen[m])
 
 
 def test_config_dtype_names_are_the_io_dtype_map():

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from dist_utils import PY, ROOT, clean_env, torchrun
+from dist_utils import PY, ROOT, clean_env
 from post_training.io import layout as cio
+from workers import ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def save_cmd(root, iteration, *extra):
             "--iteration", str(iteration), *extra]
 
 
-def test_sigkill_mid_save_keeps_previous(tmp_path, smollm2_dir):
+def test_sigkill_mid_save_keeps_previous(tmp_path, smollm2_dir, runtime):
     root = tmp_path / "run"
     ref = tmp_path / "ref.pt"
     subprocess.run(save_cmd(root, 1, "--out", str(ref)), env=clean_env(), check=True,
@@ -41,9 +42,8 @@ def test_sigkill_mid_save_keeps_previous(tmp_path, smollm2_dir):
 
     assert (root / cio.TRACKER).read_text() == "1"
     assert not (root / "iter_0000002").exists() and staging[0].exists()
-    after = tmp_path / "after.pt"
-    torchrun(1, "ckpt.py", "load", "--load", str(root), "--out", str(after))  # verifies sha256 too
-    assert torch.equal(torch.load(after)["logits"], torch.load(ref)["logits"])
+    after = ckpt.outputs(ckpt.build(runtime, load=str(root)), runtime)  # verifies sha256 too
+    assert torch.equal(after["logits"], torch.load(ref)["logits"])
 
     subprocess.run(save_cmd(root, 2, "--keep-last", "1"), env=clean_env(), check=True,
                    capture_output=True, timeout=600)

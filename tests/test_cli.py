@@ -67,20 +67,23 @@ def test_no_chat_template(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_convert_then_generate_from_checkpoint(tiny_llama, tmp_path):
+def test_convert_then_generate_from_checkpoint(tiny_llama, tmp_path, runtime):
     """scripts/convert.sh at PP=2 writes a dist checkpoint that generate.sh loads at TP=2 via
     MLM_MODEL_CKPT (no HF dir needed), answering exactly as from the HF model."""
     save = tmp_path / "ckpt"
     res = run_script("convert.sh", env=clean_env(PP="2", HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(save)))
     assert res.returncode == 0, res.stderr[-3000:]
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "release"
-    outs = []
-    for env in (dict(HF_MODEL_CKPT=str(tiny_llama)), dict(MLM_MODEL_CKPT=str(save), TP="2")):
-        out = tmp_path / f"{len(outs)}.json"
-        res = run_script("generate.sh", "--max-new-tokens", "8", "--json-out", str(out), env=clean_env(**env))
-        assert res.returncode == 0, res.stderr[-3000:]
-        outs.append([r["tokens"] for r in json.loads(out.read_text())])
-    assert outs[0] == outs[1]
+    from post_training.cli import generate
+
+    ref = tmp_path / "hf.json"  # the HF model's answers: the entry point in this process (TP=1)
+    assert generate.main(["--pretrained-model-path", str(tiny_llama), "--max-new-tokens", "8",
+                          "--json-out", str(ref)]) == 0
+    out = tmp_path / "ckpt.json"
+    res = run_script("generate.sh", "--max-new-tokens", "8", "--json-out", str(out),
+                     env=clean_env(MLM_MODEL_CKPT=str(save), TP="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["tokens"] for r in json.loads(ref.read_text())] == [r["tokens"] for r in json.loads(out.read_text())]
 
 
 def test_convert_needs_save():

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dist_utils import clean_env, run_script, torchrun
+from dist_utils import clean_env, run_script
 from post_training.config import SourceConfig
 from post_training.hf import source_hf_dir
 from post_training.model_builder import setup_model
@@ -112,15 +112,13 @@ def test_pp2_export_equals_tp1(tiny_llama, exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_fp8_tp2_checkpoint_exports_as_modelopt_does(tiny_llama, runtime, tmp_path):
+def test_fp8_tp2_checkpoint_exports_as_modelopt_does(tiny_llama, runtime, tmp_path, mr_dir, mr_tp2):
     """FP8 weights + FP8 KV cache calibrated and saved at TP=2, exported at TP=2 (gathered):
     hf_quant_config.json names FP8, weights are FP8 with per-tensor scales, and every tensor
     equals what ModelOpt's exporter writes from the same checkpoint at TP=1."""
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
-    ckpt, out, raw = tmp_path / "fp8", tmp_path / "fp8-hf", tmp_path / "raw"
-    torchrun(2, "ckpt.py", "save", "--hf-dir", str(tiny_llama), "--save", str(ckpt), "--tp", "2",
-             "--quantize", "fp8")
+    ckpt, out, raw = mr_dir / "fp8", tmp_path / "fp8-hf", tmp_path / "raw"  # saved by the TP=2 launch
     res = run_script("export.sh", env=clean_env(TP="2", MLM_MODEL_CKPT=str(ckpt), EXPORT_DIR=str(out)))
     assert res.returncode == 0, res.stderr[-3000:]
     q = json.loads((out / "hf_quant_config.json").read_text())["quantization"]

@@ -9,7 +9,6 @@ import contextlib
 import pytest
 import torch
 
-from dist_utils import torchrun
 from post_training.config import ModelConfig, SourceConfig
 from post_training.inference import KVCache, stage_forward
 from post_training.model_builder import setup_model
@@ -144,13 +143,11 @@ def test_bounds_and_format_requirements(model):
         patches.apply("kv_cache_rotated_keys")
 
 
-def test_tp2_over_gloo(tiny_llama, tmp_path):
-    """One 2-rank launch (TP=2): both formats give the uncached TP=2 logits for the chunk, after
-    a roll-back and for a decode step, and agree with each other; greedy generation (through
-    KVCache) matches the uncached TP=2 forward's first token."""
-    out = tmp_path / "kv_tp2.pt"
-    torchrun(2, "forward.py", "--hf-dir", str(tiny_llama), "--tp", "2", "--kv-cache", "--out", str(out))
-    res = torch.load(out)
+def test_tp2_over_gloo(mr_tp2):
+    """The shared 2-rank launch (TP=2): both formats give the uncached TP=2 logits for the chunk,
+    after a roll-back and for a decode step, and agree with each other; greedy generation
+    (through KVCache) matches the uncached TP=2 forward's first token."""
+    res = mr_tp2["forward"]
     r, p = res["kv"], res["kv"]["prefix"]
     for fmt in ("rotated", "unrotated"):
         got = r[fmt]

@@ -1,7 +1,6 @@
 """Two "nodes" on one machine over loopback (two launcher processes, NNODES=2) give the
 same answers as one node with the same TP."""
 import json
-import os
 import subprocess
 
 import pytest

@@ -64,6 +64,17 @@ def test_calibration_sources(tiny_llama, tmp_path):
         calibration_samples(QuantizeConfig(calib_dataset=str(tmp_path / "empty.txt")), tok)
 
 
+def load_at(tp: int, save, tmp_path, runtime=None) -> dict:
+    """Logits and amax of a checkpoint loaded at TP=tp: a 2-rank launch, or TP=1 in this process."""
+    if tp == 1:
+        from workers import ckpt
+
+        return ckpt.outputs(ckpt.build(runtime, load=str(save)), runtime)
+    out = tmp_path / f"tp{tp}.pt"
+    torchrun(tp, "ckpt.py", "load", "--load", str(save), "--tp", str(tp), "--out", str(out))
+    return torch.load(out)
+
+
 QUANT_ARGS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "FP8_DEFAULT_CFG", "--export-kv-cache-quant", "fp8",
               "--calib-size", "2", "--calib-seq-length", "32", "--max-new-tokens", "4", "--ppl-windows", "0")
 
@@ -101,7 +112,7 @@ def assert_same(a, b, path="") -> None:
 
 
 @pytest.mark.slow
-def test_quantize_script_tp2_checkpoint_reloads(tiny_llama, tmp_path):
+def test_quantize_script_tp2_checkpoint_reloads(tiny_llama, tmp_path, runtime):
     """quantize.sh at TP=2 saves a checkpoint that reloads (TP=2 and TP=1) to identical logits;
     without its modelopt_state it is refused with one line. `torchrun --nproc-per-node 2
     scripts/quantize.sh` (the script itself under torchrun, TP from the world size) writes the
@@ -121,11 +132,7 @@ def test_quantize_script_tp2_checkpoint_reloads(tiny_llama, tmp_path):
     assert "k_bmm_quantizer" in res.stdout and "----- after -----" in res.stdout
     meta = json.loads((save / "release" / "toolkit_meta.json").read_text())
     assert meta["modelopt_modes"] and meta["parallel"]["tp"] == 2
-    outs = []
-    for tp in (2, 1):
-        out = tmp_path / f"tp{tp}.pt"
-        torchrun(tp, "ckpt.py", "load", "--load", str(save), "--tp", str(tp), "--out", str(out))
-        outs.append(torch.load(out))
+    outs = [load_at(2, save, tmp_path), load_at(1, save, tmp_path, runtime)]
     assert (outs[0]["logits"] - outs[1]["logits"]).abs().max().item() < 1e-4
     shutil.rmtree(save / "release" / "modelopt_state")
     res = run_script("generate.sh", "--max-new-tokens", "2", env=clean_env(MLM_MODEL_CKPT=str(save)))
@@ -147,7 +154,7 @@ def test_auto_quantize_flags():
 
 
 @pytest.mark.slow
-def test_auto_quantize_tp2_mixes_formats_and_reloads(tiny_llama, tmp_path):
+def test_auto_quantize_tp2_mixes_formats_and_reloads(tiny_llama, tmp_path, runtime):
     """auto at TP=2 picks per-layer formats under the bits budget, quantizes the KV cache on top,
     and the checkpoint reloads at TP=2 and TP=1 to the same logits (which differ from the
     unquantized model's). NVFP4 (blocks of 16) rather than INT4-AWQ (blocks of 128): the tiny
@@ -165,11 +172,7 @@ def test_auto_quantize_tp2_mixes_formats_and_reloads(tiny_llama, tmp_path):
     assert "NVFP4_DEFAULT_CFG" in chosen and {"FP8_DEFAULT_CFG", "NONE"} & set(chosen)  # a mix
     bits = float(res.stdout.split("effective bits ")[1].split()[0])
     assert 4.0 < bits <= 6.0 and "(budget 6, met)" in res.stdout
-    outs = {}
-    for tp in (2, 1):
-        out = tmp_path / f"tp{tp}.pt"
-        torchrun(tp, "ckpt.py", "load", "--load", str(save), "--tp", str(tp), "--out", str(out))
-        outs[tp] = torch.load(out)
+    outs = {2: load_at(2, save, tmp_path), 1: load_at(1, save, tmp_path, runtime)}
     from transformers import AutoModelForCausalLM
     from workers.ckpt import IDS
 

@@ -1,6 +1,5 @@
 """The runtime layer: CPU shims, device choice and process-group checks."""
 import contextlib
-import os
 
 import pytest
 import torch

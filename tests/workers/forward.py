@@ -55,25 +55,33 @@ def kv_checks(model) -> dict:
     return {"full": full, "step_ref": last, "rotated": rotated, "unrotated": unrotated, "prefix": 10}
 
 
+def run(hf_dir: str, rt, kv: bool = False, prompt: str = "What is the capital of France?",
+        max_new_tokens: int = 16) -> dict | None:
+    """Logits and greedy tokens of the chat prompt (and the KV-cache checks), on the rank that
+    holds the last stage with TP rank 0; None elsewhere."""
+    model, tok, _ = setup_model(SourceConfig(pretrained_model_path=hf_dir), ModelConfig(), rt)
+    ids = render_prompt(prompt, tok)
+    with torch.inference_mode():
+        logits = stage_forward(model, torch.tensor([ids]), None)
+    tokens = generate(model, ids, GenerateConfig(max_new_tokens=max_new_tokens))
+    kv_res = kv_checks(model) if kv else None
+    if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
+        return {"logits": logits, "tokens": tokens, "ids": ids, "kv": kv_res}
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--kv-cache", action="store_true")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
-    model, tok, _ = setup_model(SourceConfig(pretrained_model_path=a.hf_dir), ModelConfig(), rt)
-    ids = render_prompt(a.prompt, tok)
-    with torch.inference_mode():
-        logits = stage_forward(model, torch.tensor([ids]), None)
-    tokens = generate(model, ids, GenerateConfig(max_new_tokens=a.max_new_tokens))
-    kv = kv_checks(model) if a.kv_cache else None
-    if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
-        torch.save({"logits": logits, "tokens": tokens, "ids": ids, "kv": kv}, a.out)
+    res = run(a.hf_dir, rt, kv=a.kv_cache)
+    if res is not None:
+        torch.save(res, a.out)
     destroy_runtime()
 
 
