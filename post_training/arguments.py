@@ -137,6 +137,7 @@ GROUPS: dict[str, Group] = {
         Flag("--eval-max-chunks", "max_chunks", "evaluate at most N --seq-length windows"),
         Flag("--mmlu-path", "mmlu_path", "MMLU-format .csv/.jsonl: also report zero-shot "
              "multiple-choice accuracy"),
+        Flag("--skip-perplexity", "perplexity", "MMLU accuracy alone (scripts/mmlu.sh)", negate=True),
     )),
     "export": Group(C.ExportConfig, "export", (
         Flag("--export-dir", "export_dir", "where to write the HF checkpoint", env="EXPORT_DIR"),
@@ -237,6 +238,7 @@ def build_parser(groups: Sequence[str], prog: str, description: str | None = Non
                  defaults: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
                  script_env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
+    prog = env.get("PT_SCRIPT") or prog  # the script the user ran (mmlu.sh runs evaluate's entry)
     epilog = "positional arguments and environment of the launch scripts:\n" + "\n".join(
         f"  {k:<44} {v}" for k, v in {**LAUNCHER_ENV, **(script_env or {})}.items())
     usage = f"bash scripts/{prog} [CONF] [flags]  (or: torchrun [--nproc-per-node N] scripts/{prog} ...)"

@@ -219,9 +219,12 @@ class EvalConfig:
     dataset_field: str = "text"
     max_chunks: int | None = None  # evaluate at most N windows
     mmlu_path: str | None = None  # MMLU-format .csv/.jsonl: also zero-shot accuracy
+    perplexity: bool = True  # False: MMLU accuracy alone (mmlu.sh)
 
     def __post_init__(self) -> None:
         _check([
+            (self.perplexity or self.mmlu_path is not None,
+             "--skip-perplexity leaves nothing to evaluate without --mmlu-path"),
             (self.max_chunks is None or self.max_chunks >= 1, f"--eval-max-chunks must be >= 1 (got {self.max_chunks})"),
             (not (self.text_path and self.dataset), "give --eval-text-path or --eval-dataset, not both"),
             (self.text_path is None or Path(self.text_path).is_file(), f"eval text file not found: {self.text_path}"),

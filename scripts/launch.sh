@@ -57,6 +57,7 @@ pt_launch() {
   read -r -a extra <<< "${MLM_EXTRA_ARGS:-}"
   args+=("${extra[@]}" "$@")
   local py; py="$(pt_python)"
+  export PT_SCRIPT; PT_SCRIPT="$(basename "$0")"  # names the script in --help and usage lines
   export PYTHONPATH="$PT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
   if [ -n "${RANK:-}" ] && [ -n "${LOCAL_RANK:-}" ]; then

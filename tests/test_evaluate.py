@@ -238,3 +238,13 @@ def test_smollm2_perplexity(smollm2_dir, runtime):
     res = perplexity(model, eval_windows(load_eval_text(cfg), tok, cfg, 256), micro_batch_size=4)
     print(f"SmolLM2 perplexity {res.perplexity:.4f} (nll {res.nll:.4f}, {res.tokens} tokens)")
     assert math.isfinite(res.perplexity) and 1.0 < res.perplexity < 20.0
+
+
+def test_mmlu_script_reports_the_accuracy_alone(tp1_run, tiny_llama):
+    """scripts/mmlu.sh (Megatron-LM's name): evaluate's MMLU mode on the shipped sample file, no
+    perplexity; the last line is the accuracy evaluate.sh reports for the same file."""
+    _, report = tp1_run
+    res = run_script("mmlu.sh", env=clean_env(HF_MODEL_CKPT=str(tiny_llama)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == f"mmlu accuracy {report['accuracy']:.6f}"
+    assert "perplexity" not in res.stdout and str(EXAMPLE) in res.stdout

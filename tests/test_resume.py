@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 def test_resume_reproduces_losses(tiny_llama, tmp_path, tp, pp):
     n = str(tp * pp)
     common = ["--hf-dir", str(tiny_llama), "--tp", str(tp), "--pp", str(pp)]
-    torchrun(int(n), "resume.py", "full", "--steps", "6", "--out", str(tmp_path / "full.json"), *common)
-    torchrun(int(n), "resume.py", "first", "--steps", "3", "--ckpt", str(tmp_path / "ck"),
-             "--out", str(tmp_path / "first.json"), *common)
+    # the uninterrupted run and the first half in one launch (each starts from the same seeds)
+    torchrun(int(n), "resume.py", "full+first", "--full-steps", "6", "--full-out", str(tmp_path / "full.json"),
+             "--steps", "3", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "first.json"), *common)
     torchrun(int(n), "resume.py", "resume", "--steps", "6", "--ckpt", str(tmp_path / "ck"),
              "--out", str(tmp_path / "resumed.json"), *common)
     full = json.loads((tmp_path / "full.json").read_text())

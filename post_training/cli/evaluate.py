@@ -1,6 +1,7 @@
 """Perplexity (and optional zero-shot MMLU-format accuracy): ``scripts/evaluate.sh``.
 
-The last line on stdout is ``perplexity <value>`` (other tools parse it). Every input is checked
+The last line on stdout is ``perplexity <value>`` (other tools parse it), or with
+``--skip-perplexity`` (``scripts/mmlu.sh``) ``mmlu accuracy <value>``. Every input is checked
 before the model loads, the text included (a text shorter than one window is an error), so
 ``--preflight`` rejects bad input before torchrun starts N ranks, without importing megatron-core.
 """
@@ -38,7 +39,10 @@ def main(argv: list[str]) -> int:
                       model=args.source.load or args.source.pretrained_model_path or args.source.model_conf,
                       model_conf=args.source.model_conf, dtype=args.model.dtype, tp=rt.tp, pp=rt.pp, dp=rt.dp)
         Path(args.report.json_out).write_text(json.dumps(report, indent=1))
-    print_rank_0(f"perplexity {report['perplexity']:.6f}")
+    if "perplexity" in report:
+        print_rank_0(f"perplexity {report['perplexity']:.6f}")
+    else:  # mmlu.sh: the accuracy is the result
+        print_rank_0(f"mmlu accuracy {report['accuracy']:.6f}")
     return 0
 
 

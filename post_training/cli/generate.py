@@ -20,6 +20,9 @@ def main(argv: list[str]) -> int:
                            description="answer prompts with the KV cache (greedy or sampled)")
     hf.check_source(args.source, args.runtime)
     prompts = load_prompts(args.prompts.prompts_file)
+    # Render every prompt before megatron-core is even imported: a template problem fails fast.
+    tok = hf.load_tokenizer(hf.source_hf_dir(args.source))
+    rendered = [render_prompt(p, tok, chat_template=args.prompts.chat_template) for p in prompts]
     if args.preflight:
         return 0
     from post_training.generate import generate, stop_token_ids
@@ -27,9 +30,6 @@ def main(argv: list[str]) -> int:
     from post_training.runtime import init_runtime, memory_report
 
     rt = init_runtime(args.runtime)
-    # Render every prompt before the model loads: a template problem fails fast.
-    tok = hf.load_tokenizer(hf.source_hf_dir(args.source))
-    rendered = [render_prompt(p, tok, chat_template=args.prompts.chat_template) for p in prompts]
     model, tok, hf_config = setup_model(args.source, args.model, rt)
     gcfg = dataclasses.replace(args.generate, stop_token_ids=stop_token_ids(tok, hf_config))
     results = []

@@ -78,13 +78,15 @@ def eval_windows(text: str, tokenizer, cfg: EvalConfig, seq_length: int) -> list
 
 
 def prepare_inputs(cfg: EvalConfig, src, seq_length: int):
-    """Token windows and MMLU questions, built before the model loads (bad input fails here)."""
+    """Token windows (None with ``perplexity`` off) and MMLU questions, built before the model
+    loads (bad input fails here)."""
     from post_training.hf import load_tokenizer, source_hf_dir
 
     questions = load_questions(cfg.mmlu_path) if cfg.mmlu_path else None
+    if not cfg.perplexity:
+        return None, questions
     tok = load_tokenizer(source_hf_dir(src))
     return eval_windows(load_eval_text(cfg), tok, cfg, seq_length), questions
-
 
 
 # ----------------------------------------------------------------------------- MMLU questions

@@ -99,21 +99,22 @@ def perplexity(model, windows: list[list[int]], micro_batch_size: int = 1,
 # ----------------------------------------------------------------------------- the task
 
 
-def evaluate_model(model, tokenizer, windows: list[list[int]], questions, cfg: EvalConfig,
+def evaluate_model(model, tokenizer, windows: list[list[int]] | None, questions, cfg: EvalConfig,
                    micro_batch_size: int) -> dict:
-    """Perplexity of ``windows`` (and accuracy on ``questions``), printed and returned as the
-    report evaluate.sh writes with --json-out. Collective."""
+    """Perplexity of ``windows`` (None: skipped) and accuracy on ``questions``, printed and
+    returned as the report evaluate.sh writes with --json-out. Collective."""
     import time
 
     from post_training.evaluation.mmlu import score
     from post_training.utils import print_rank_0, rank
 
     t0 = time.perf_counter()
-    res = perplexity(model, windows, micro_batch_size, progress=rank() == 0)
-    print_rank_0(f"{res.chunks} windows x {len(windows[0])} tokens ({res.tokens} predicted) from "
-                 f"{cfg.source}: nll {res.nll:.6f}")
-    out = {"perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens, "chunks": res.chunks,
-           "source": cfg.source}
+    out: dict = {"source": cfg.source}
+    if windows is not None:
+        res = perplexity(model, windows, micro_batch_size, progress=rank() == 0)
+        print_rank_0(f"{res.chunks} windows x {len(windows[0])} tokens ({res.tokens} predicted) from "
+                     f"{cfg.source}: nll {res.nll:.6f}")
+        out.update(perplexity=res.perplexity, nll=res.nll, tokens=res.tokens, chunks=res.chunks)
     if questions is not None:
         mc = score(model, questions, tokenizer, micro_batch_size)
         print_rank_0(f"mmlu accuracy {mc.accuracy:.4f} ({mc.correct}/{len(questions)}, "

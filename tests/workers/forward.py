@@ -77,9 +77,11 @@ def main() -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--kv-cache", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--prompt", default="What is the capital of France?")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
-    res = run(a.hf_dir, rt, kv=a.kv_cache)
+    res = run(a.hf_dir, rt, kv=a.kv_cache, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
     if res is not None:
         torch.save(res, a.out)
     destroy_runtime()
