@@ -176,10 +176,6 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _scalar(tp: Any) -> type:
     """int | None -> int."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -206,7 +202,7 @@ def _add_group(p: argparse.ArgumentParser, name: str, group: Group, overrides: M
                env: Mapping[str, str]) -> None:
     g = p.add_argument_group(group.title)
     fields = {f.name: f for f in dataclasses.fields(group.cls)}
-    types = _field_types(group.cls)
+    types = typing.get_type_hints(group.cls)
     mutex: dict[str, Any] = {}
     for fl in group.flags:
         kind = _scalar(types[fl.field])
@@ -265,7 +261,3 @@ def parse(argv: Sequence[str] | None, groups: Sequence[str], *, prog: str, descr
         setattr(out, name, GROUPS[name].cls(**values))
     return out
 
-
-def flag_of(group: str, field: str) -> str:
-    """The flag that sets ``group.field`` (for messages that tell a user what to pass)."""
-    return next(f.flag for f in GROUPS[group].flags if f.field == field)
