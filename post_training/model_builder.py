@@ -7,6 +7,7 @@ TE installed) ModelOpt's TE-backed spec is used instead. ModelOpt transformation
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,11 +135,12 @@ def import_hf_weights(model: GPTModel, hf_dir: str, dtype: torch.dtype) -> None:
     import_mcore_gpt_from_hf(model, str(hf_dir), dtype=dtype)
 
 
-def setup_model(src: SourceConfig, mcfg: ModelConfig, rt: Runtime,
-                inference: bool = True) -> tuple[GPTModel, Any, Any]:
+def setup_model(src: SourceConfig, mcfg: ModelConfig, rt: Runtime, inference: bool = True,
+                hf_dir: Path | None = None) -> tuple[GPTModel, Any, Any]:
     """Build this rank's model stage and fill it from ``--load`` (dist checkpoint or HF dir) or
     the HF model. Returns (model, tokenizer, hf_config); ``hf_config.name_or_path`` is the HF
-    directory the config and tokenizer came from (what export and saves copy).
+    directory the config and tokenizer came from (what export and saves copy); ``hf_dir`` is
+    that directory when the caller resolved it already (:func:`hf.source_hf_dir`).
 
     ``inference`` freezes the weights: megatron's linear layers then take their frozen-weight
     path, which skips gradient bookkeeping (about 6% of a CPU decode step on SmolLM2)."""
@@ -146,7 +148,7 @@ def setup_model(src: SourceConfig, mcfg: ModelConfig, rt: Runtime,
 
     from post_training.checkpointing.load import load_model_checkpoint
 
-    hf_dir = hf_mod.source_hf_dir(src)
+    hf_dir = hf_dir or hf_mod.source_hf_dir(src)  # callers that loaded the tokenizer first pass it
     hf_config = AutoConfig.from_pretrained(hf_dir)
     # The default conf with another HF dir means "use that model"; a named conf must match it.
     explicit = src.pretrained_model_path or src.load

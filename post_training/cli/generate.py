@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     hf.check_source(args.source, args.runtime)
     prompts = load_prompts(args.prompts.prompts_file)
     # Render every prompt before megatron-core is even imported: a template problem fails fast.
-    tok = hf.load_tokenizer(hf.source_hf_dir(args.source))
+    hf_dir = hf.source_hf_dir(args.source)
+    tok = hf.load_tokenizer(hf_dir)
     rendered = [render_prompt(p, tok, chat_template=args.prompts.chat_template) for p in prompts]
     if args.preflight:
         return 0
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
     from post_training.runtime import init_runtime, memory_report
 
     rt = init_runtime(args.runtime)
-    model, tok, hf_config = setup_model(args.source, args.model, rt)
+    model, tok, hf_config = setup_model(args.source, args.model, rt, hf_dir=hf_dir)
     gcfg = dataclasses.replace(args.generate, stop_token_ids=stop_token_ids(tok, hf_config))
     results = []
     for i, (prompt, ids) in enumerate(zip(prompts, rendered)):

@@ -72,12 +72,14 @@ def main(argv: list[str]) -> int:
     from post_training.runtime import init_runtime, memory_report
 
     rt = init_runtime(args.runtime)
-    tok = hf.load_tokenizer(hf.source_hf_dir(args.source))
+    hf_dir = hf.source_hf_dir(args.source)
+    tok = hf.load_tokenizer(hf_dir)
     samples = calibration_samples(qcfg, tok)  # bad calibration data fails before the model loads
     windows = token_chunks(builtin_text("eval"), tok, PPL_WINDOW, qcfg.ppl_windows) if qcfg.ppl_windows else None
     rendered = [render_prompt(p, tok, chat_template=args.prompts.chat_template) for p in prompts]
     # auto-quantize scores layers with gradients, so its model is not frozen
-    model, tok, hf_config = setup_model(args.source, args.model, rt, inference=qcfg.quant_cfg != AUTO)
+    model, tok, hf_config = setup_model(args.source, args.model, rt, inference=qcfg.quant_cfg != AUTO,
+                                        hf_dir=hf_dir)
     gcfg = dataclasses.replace(args.generate, stop_token_ids=stop_token_ids(tok, hf_config))
 
     def save(quantized) -> None:

@@ -2,8 +2,9 @@
 alone, without megatron-core): the text for perplexity, cut into token windows, and MMLU-format
 questions.
 
-MMLU prompt (scored by :mod:`post_training.evaluation.mmlu`): the original MMLU / lm-evaluation-harness zero-shot template, raw text (no chat
-template), tokenized with the tokenizer's own special tokens (its BOS, if it adds one)::
+MMLU prompt (scored by :mod:`post_training.evaluation.mmlu`): the original MMLU /
+lm-evaluation-harness zero-shot template, raw text (no chat template), tokenized with the
+tokenizer's own special tokens (its BOS, if it adds one)::
 
     The following are multiple choice questions (with answers) about {subject}.\\n
     \\n
