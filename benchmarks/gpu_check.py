@@ -115,7 +115,7 @@ def main() -> None:
     from post_training.checkpointing import save_checkpoint
     from post_training.quantization.ptq import calibrate_and_quantize
 
-    q = QuantizeConfig(quant_cfg="FP8_DEFAULT_CFG", calib_size=4, calib_seq_length=64)
+    q = QuantizeConfig(quant_cfg="FP8_DEFAULT_CFG")
     samples = [torch.randint(0, 49152, (64,), generator=torch.Generator().manual_seed(10 + i)).tolist()
                for i in range(4)]
     qmodel, _, _ = setup_model(src, ModelConfig(), rt)

@@ -91,7 +91,7 @@ def main() -> None:
     from post_training.quantization.calibration import calibration_samples, forward_loop
     from post_training.quantization.ptq import auto_quantize, next_token_loss
     from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
-    from post_training.config import QuantizeConfig
+    from post_training.config import CalibConfig, QuantizeConfig
     from post_training.runtime import ParallelConfig, init_runtime
 
     rt = init_runtime(ParallelConfig())
@@ -99,7 +99,7 @@ def main() -> None:
     hf_dir = source_hf_dir(src)
     tok = load_tokenizer(hf_dir)
     base_q = dict(calib_dataset=a.calib_dataset, calib_size=a.calib_size, calib_seq_length=a.calib_seq_length)
-    samples = calibration_samples(QuantizeConfig(**base_q), tok)
+    samples = calibration_samples(CalibConfig(**base_q), tok)
     windows = token_chunks(builtin_text("eval"), tok, a.seq_length, a.eval_windows)
     print(f"calibration: {len(samples)} x {a.calib_seq_length} tokens ({a.calib_dataset}); "
           f"eval: {len(windows)} x {a.seq_length} tokens (built-in eval split)", flush=True)
@@ -111,7 +111,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if fmt == AUTO:
             q = QuantizeConfig(quant_cfg=AUTO, auto_bits=a.auto_quantize_bits,
-                               auto_formats=a.auto_quantize_formats, **base_q)
+                               auto_formats=a.auto_quantize_formats)
             model, _ = auto_quantize(model, q, samples, fwd, None)
             model.requires_grad_(False)
         elif fmt is not None:
@@ -131,7 +131,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if fmt == AUTO:
             q = QuantizeConfig(quant_cfg=AUTO, auto_bits=a.auto_quantize_bits,
-                               auto_formats=a.auto_quantize_formats, **base_q)
+                               auto_formats=a.auto_quantize_formats)
             model, _ = mtq.auto_quantize(
                 model, constraints={"effective_bits": q.auto_bits}, quantization_formats=auto_formats(q),
                 data_loader=batches, forward_step=lambda m, b: m(b).logits,

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args()
 
-    from post_training.config import GenerateConfig, ModelConfig, ParallelConfig, QuantizeConfig, SourceConfig
+    from post_training.config import CalibConfig, GenerateConfig, ModelConfig, ParallelConfig, QuantizeConfig, SourceConfig
     from post_training.data import DEFAULT_PROMPTS, builtin_text, render_prompt, token_chunks
     from post_training.evaluation.perplexity import perplexity
     from post_training.generate import generate, stop_token_ids
@@ -70,10 +70,11 @@ def main() -> None:
 
         recipe, calib, shape = combo.rsplit(":", 2)
         size, seq = (int(x) for x in shape.split("x"))
-        q = QuantizeConfig(quant_cfg=recipe, calib_dataset=calib, calib_size=size, calib_seq_length=seq)
+        q = QuantizeConfig(quant_cfg=recipe)
+        c = CalibConfig(calib_dataset=calib, calib_size=size, calib_seq_length=seq)
         fresh, _, _ = setup_model(SourceConfig(), ModelConfig(), rt)
         t0 = time.perf_counter()
-        fresh = calibrate_and_quantize(fresh, q, calibration_samples(q, tok))
+        fresh = calibrate_and_quantize(fresh, q, calibration_samples(c, tok))
         secs = time.perf_counter() - t0
         mtq.fold_weight(fresh)
         row = {"recipe": Path(recipe).name, "calib": f"{calib} {shape}", "seconds": round(secs, 1),

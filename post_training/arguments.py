@@ -110,13 +110,6 @@ GROUPS: dict[str, Group] = {
         Flag("--export-quant-cfg", "quant_cfg", "ModelOpt config name, yaml/json recipe, or auto "
              "(quantize.sh's second positional argument, or QUANT_CFG)"),
         Flag("--export-kv-cache-quant", "kv_cache_quant", choices=C.KV_CACHE_FORMATS),
-        Flag("--calib-dataset", "calib_dataset", "'builtin' (offline text), 'builtin-chat' (built-in "
-             "chats), a datasets hub name, or a jsonl/json/parquet/txt file"),
-        Flag("--calib-dataset-split", "calib_split"),
-        Flag("--calib-dataset-field", "calib_field", "text or chat-messages field (default: messages, "
-             "conversations or text)"),
-        Flag("--calib-size", "calib_size", "calibration samples"),
-        Flag("--calib-seq-length", "calib_seq_length", "tokens per calibration sample"),
         Flag("--auto-quantize-bits", "auto_bits", "with --export-quant-cfg auto: effective weight "
              "bits the per-layer search must meet"),
         Flag("--auto-quantize-formats", "auto_formats", "comma-separated candidate formats for auto "
@@ -126,6 +119,15 @@ GROUPS: dict[str, Group] = {
              "layer sensitivity"),
         Flag("--ppl-windows", "ppl_windows", "512-token windows of the built-in eval text scored "
              "before and after (0: skip)"),
+    )),
+    "calib": Group(C.CalibConfig, "calibration data", (
+        Flag("--calib-dataset", "calib_dataset", "'builtin' (offline text), 'builtin-chat' (built-in "
+             "chats), a datasets hub name, or a jsonl/json/parquet/txt file"),
+        Flag("--calib-dataset-split", "calib_split"),
+        Flag("--calib-dataset-field", "calib_field", "text or chat-messages field (default: messages, "
+             "conversations or text)"),
+        Flag("--calib-size", "calib_size", "calibration samples"),
+        Flag("--calib-seq-length", "calib_seq_length", "tokens per calibration sample"),
     )),
     "eval": Group(C.EvalConfig, "evaluation", (
         Flag("--eval-text-path", "text_path", "plain UTF-8 text file to evaluate"),
@@ -155,6 +157,65 @@ GROUPS: dict[str, Group] = {
         Flag("--weight-decay", "weight_decay"), Flag("--clip-grad", "clip_grad", "0 disables clipping"),
         Flag("--adam-beta1", "adam_beta1"), Flag("--adam-beta2", "adam_beta2"),
         Flag("--adam-eps", "adam_eps"), Flag("--train-iters", "train_iters"),
+    )),
+    "loop": Group(C.LoopConfig, "training loop", (
+        Flag("--log-interval", "log_interval"),
+        Flag("--eval-interval", "eval_interval", "0: never"), Flag("--eval-iters", "eval_iters"),
+        Flag("--save-interval", "save_interval", "0: save at the end only"),
+        Flag("--log-file", "log_file", "jsonl of every logged iteration and evaluation"),
+        Flag("--no-plot", "plot", "skip loss_curves.png", negate=True),
+        Flag("--no-load-optim", "no_load_optim", "with --load: fresh optimizer state"),
+        Flag("--no-load-rng", "no_load_rng", "with --load: do not restore the RNG states"),
+        Flag("--finetune", "finetune", "with --load: weights only, start at iteration 0"),
+        Flag("--no-progress", "progress", "no progress bar", negate=True),
+    )),
+    "sft": Group(C.SFTDataConfig, "training data", (
+        Flag("--finetune-hf-dataset", "hf_dataset", "datasets hub name (online)"),
+        Flag("--finetune-data-files", "data_files", "comma-separated local jsonl/json/parquet "
+             "(messages, conversations or prompt/response); default: the built-in chats"),
+        Flag("--finetune-data-split", "data_split"),
+        Flag("--finetune-data-field", "field", "column holding the chat (default: detect)"),
+        Flag("--train-on-all-tokens", "all_tokens", "loss on prompt tokens too, not only the assistant's"),
+        Flag("--no-pack-sequences", "pack", "one conversation per sequence (padded)", negate=True),
+        Flag("--reset-position-ids", "reset_position_ids", "packed: positions restart per document"),
+        Flag("--reset-attention-mask", "reset_attention_mask", "packed: documents attend only to themselves"),
+        Flag("--finetune-valid-fraction", "valid_fraction", "share of conversations held out for evaluation"),
+    )),
+    "synth": Group(C.SynthConfig, "data synthesis", (
+        Flag("--output", "output", "jsonl of {\"messages\": [...]}"),
+        Flag("--num-conversations", "num_conversations"), Flag("--num-turns", "num_turns"),
+        Flag("--synth-batch-size", "batch_size", "sequences generated together"),
+        Flag("--topics-file", "topics_file", "seed topics, one a line"),
+        Flag("--question-temperature", "question_temperature"), Flag("--question-top-p", "question_top_p"),
+        Flag("--max-question-tokens", "max_question_tokens"),
+    )),
+    "distill": Group(C.DistillConfig, "distillation", (
+        Flag("--export-kd-teacher-load", "teacher_load", "teacher: dist checkpoint or HF directory"),
+        Flag("--export-kd-teacher-model-config", "teacher_model_config", "teacher architecture: yaml of "
+             "overrides or a conf (default: <teacher>/model_config.yaml, else the student's)"),
+        Flag("--export-kd-teacher-ckpt-format", "teacher_ckpt_format", choices=C.KD_CKPT_FORMATS),
+        Flag("--export-kd-cfg", "kd_cfg", "distillation yaml (logit_layers, intermediate_layer_pairs, "
+             "skip_lm_loss, kd_loss_scale, logit_kl_temperature, logit_kl_topk)"),
+        Flag("--kd-truncate-vocab", "truncate_vocab", "padded vocabularies of one tokenizer: KL over "
+             "the common prefix"),
+    )),
+    "prune": Group(C.PruneConfig, "pruning", (
+        Flag("--prune-export-config", "export_config", "json targets: num_layers, hidden_size, "
+             "ffn_hidden_size, num_attention_heads, num_query_groups"),
+    )),
+    "draft": Group(C.DraftConfig, "speculative decoding", (
+        Flag("--draft", "draft", choices=C.DRAFTERS), Flag("--draft-steps", "draft_steps"),
+        Flag("--ngram-size", "ngram_size", "ngram: longest context suffix matched"),
+        Flag("--draft-model-path", "draft_model_path", "model: HF directory of the draft"),
+        Flag("--draft-load", "draft_load", "model / eagle / medusa: dist checkpoint of the draft"),
+    )),
+    "acceptance": Group(C.AcceptanceConfig, "acceptance measurement", (
+        Flag("--mtbench-path", "mtbench_path", "builtin, FastChat question.jsonl, mt_bench_prompts "
+             "rows (jsonl/json/parquet) or a hub name"),
+        Flag("--categories", "categories", "comma-separated"),
+        Flag("--num-prompts", "num_prompts", "per category"),
+        Flag("--osl", "osl", "answer tokens per turn"), Flag("--turns", "turns", "1 or 2"),
+        Flag("--plot", "plot", "PNG bar chart (default: beside --json-out)"),
     )),
 }
 

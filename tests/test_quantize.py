@@ -10,7 +10,7 @@ import torch
 from dist_utils import PY, ROOT, clean_env, run_script, torchrun
 from post_training.quantization.calibration import calibration_samples
 from post_training.quantization.recipes import available_formats, resolve_quant_cfg
-from post_training.config import QuantizeConfig
+from post_training.config import CalibConfig, QuantizeConfig
 from post_training.utils import UsageError
 
 
@@ -49,19 +49,19 @@ def test_calibration_sources(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    assert [len(s) for s in calibration_samples(QuantizeConfig(calib_size=3, calib_seq_length=64), tok)] == [64] * 3
+    assert [len(s) for s in calibration_samples(CalibConfig(calib_size=3, calib_seq_length=64), tok)] == [64] * 3
     chat = tmp_path / "chat.jsonl"
     msgs = [{"role": "user", "content": "Tell me about tides. " * 20}, {"role": "assistant", "content": "Tides " * 40}]
     chat.write_text("\n".join(json.dumps({"messages": msgs}) for _ in range(4)))
-    samples = calibration_samples(QuantizeConfig(calib_dataset=str(chat), calib_size=2, calib_seq_length=64), tok)
+    samples = calibration_samples(CalibConfig(calib_dataset=str(chat), calib_size=2, calib_seq_length=64), tok)
     assert "<|im_start|>user" in tok.decode(samples[0])  # rendered with the chat template
     with pytest.raises(UsageError, match="has .* tokens: .* fewer than --calib-size 500"):
-        calibration_samples(QuantizeConfig(calib_dataset=str(chat), calib_size=500, calib_seq_length=64), tok)
+        calibration_samples(CalibConfig(calib_dataset=str(chat), calib_size=500, calib_seq_length=64), tok)
     with pytest.raises(UsageError, match="not found"):
-        calibration_samples(QuantizeConfig(calib_dataset=str(tmp_path / "no.jsonl")), tok)
+        calibration_samples(CalibConfig(calib_dataset=str(tmp_path / "no.jsonl")), tok)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UsageError, match="is empty"):
-        calibration_samples(QuantizeConfig(calib_dataset=str(tmp_path / "empty.txt")), tok)
+        calibration_samples(CalibConfig(calib_dataset=str(tmp_path / "empty.txt")), tok)
 
 
 def load_at(tp: int, save, tmp_path, runtime=None) -> dict:

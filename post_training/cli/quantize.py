@@ -17,7 +17,7 @@ from post_training.data import builtin_text, load_prompts, render_prompt, token_
 from post_training.quantization.recipes import auto_formats, resolve_quant_cfg
 from post_training.utils import UsageError, print_rank_0, rank
 
-GROUPS = ["runtime", "model", "source", "save", "quantize", "prompts", "generate", "report"]
+GROUPS = ["runtime", "model", "source", "save", "quantize", "calib", "prompts", "generate", "report"]
 DEFAULTS = {"generate.max_new_tokens": 48}  # short answers: they are there to compare
 PPL_WINDOW = 512  # tokens per perplexity window (before / after)
 
@@ -36,7 +36,7 @@ def _report(args, res, n_samples: int, saved: str | None) -> list[str]:
                      f"| {res.ppl_before:.3f} | {res.ppl_after:.3f} ({delta:+.1f}%) |")
     lines.append(f"| weights (scales of blocks included) | {_mb(res.bytes_plain)} | "
                  f"{_mb(res.bytes_quantized)} ({res.bytes_quantized / res.bytes_plain:.0%}) |")
-    lines.append(f"calibration: {n_samples} x {q.calib_seq_length} tokens ({q.calib_dataset}), "
+    lines.append(f"calibration: {n_samples} x {args.calib.calib_seq_length} tokens ({args.calib.calib_dataset}), "
                  f"quantized in {res.seconds:.1f}s")
     if saved:
         lines += [f"checkpoint: {saved}", "next:",
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     rt = init_runtime(args.runtime)
     hf_dir = hf.source_hf_dir(args.source)
     tok = hf.load_tokenizer(hf_dir)
-    samples = calibration_samples(qcfg, tok)  # bad calibration data fails before the model loads
+    samples = calibration_samples(args.calib, tok)  # bad calibration data fails before the model loads
     windows = token_chunks(builtin_text("eval"), tok, PPL_WINDOW, qcfg.ppl_windows) if qcfg.ppl_windows else None
     rendered = [render_prompt(p, tok, chat_template=args.prompts.chat_template) for p in prompts]
     # auto-quantize scores layers with gradients, so its model is not frozen
@@ -99,8 +99,8 @@ def main(argv: list[str]) -> int:
         print_rank_0(memory_report("memory"))
     if args.report.json_out and rank() == 0:
         Path(args.report.json_out).write_text(json.dumps({
-            "quant_cfg": qcfg.quant_cfg, "calib_dataset": qcfg.calib_dataset, "calib_samples": len(samples),
-            "calib_seq_length": qcfg.calib_seq_length, "seconds": res.seconds,
+            "quant_cfg": qcfg.quant_cfg, "calib_dataset": args.calib.calib_dataset, "calib_samples": len(samples),
+            "calib_seq_length": args.calib.calib_seq_length, "seconds": res.seconds,
             "perplexity_before": res.ppl_before, "perplexity_after": res.ppl_after,
             "weight_bytes": res.bytes_quantized, "weight_bytes_unquantized": res.bytes_plain,
             "checkpoint": args.save.save,

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from post_training.config import BUILTIN, BUILTIN_CHAT, QuantizeConfig
+from post_training.config import BUILTIN, BUILTIN_CHAT, CalibConfig
 from post_training.data import builtin_text, load_dataset, token_chunks
 from post_training.utils import UsageError
 
@@ -30,29 +30,29 @@ def _sample_text(row: dict, field: str | None, tokenizer) -> str:
     return str(value)
 
 
-def calibration_samples(qcfg: QuantizeConfig, tokenizer) -> list[list[int]]:
+def calibration_samples(ccfg: CalibConfig, tokenizer) -> list[list[int]]:
     """``calib_size`` windows of ``calib_seq_length`` tokens from the calibration source."""
-    if qcfg.calib_dataset == BUILTIN:
+    if ccfg.calib_dataset == BUILTIN:
         text = builtin_text("calib")
     else:
-        spec = str(CHAT_SET) if qcfg.calib_dataset == BUILTIN_CHAT else qcfg.calib_dataset
-        ds = load_dataset(spec, qcfg.calib_split, "calibration dataset")
+        spec = str(CHAT_SET) if ccfg.calib_dataset == BUILTIN_CHAT else ccfg.calib_dataset
+        ds = load_dataset(spec, ccfg.calib_split, "calibration dataset")
         if len(ds) == 0:
-            raise UsageError(f"calibration dataset {qcfg.calib_dataset} has no rows")
-        need = qcfg.calib_size * qcfg.calib_seq_length
+            raise UsageError(f"calibration dataset {ccfg.calib_dataset} has no rows")
+        need = ccfg.calib_size * ccfg.calib_seq_length
         parts, chars = [], 0
         for row in ds:  # stop reading once there is clearly enough text (~2 chars per token)
-            parts.append(_sample_text(row, qcfg.calib_field, tokenizer))
+            parts.append(_sample_text(row, ccfg.calib_field, tokenizer))
             chars += len(parts[-1])
             if chars > 8 * need:
                 break
         text = "\n\n".join(parts)
-    chunks = token_chunks(text, tokenizer, qcfg.calib_seq_length, qcfg.calib_size)
-    if len(chunks) < qcfg.calib_size:
+    chunks = token_chunks(text, tokenizer, ccfg.calib_seq_length, ccfg.calib_size)
+    if len(chunks) < ccfg.calib_size:
         have = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         raise UsageError(
-            f"calibration data {qcfg.calib_dataset!r} has {have} tokens: {len(chunks)} samples of "
-            f"{qcfg.calib_seq_length}, fewer than --calib-size {qcfg.calib_size}"
+            f"calibration data {ccfg.calib_dataset!r} has {have} tokens: {len(chunks)} samples of "
+            f"{ccfg.calib_seq_length}, fewer than --calib-size {ccfg.calib_size}"
         )
     return chunks
 

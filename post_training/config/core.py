@@ -1,15 +1,5 @@
-"""Every setting of the toolkit, as small typed dataclasses: one home per field.
-
-Each class is one concern, documented field by field and validated in ``__post_init__`` (a bad
-value is a :class:`~post_training.utils.UsageError`, one line for the user). Entry points build
-them from Megatron-LM's flag names in :mod:`post_training.arguments`; library code receives them
-explicitly. This module imports neither megatron-core nor ModelOpt (flag parsing and
-``--preflight`` stay cheap), and nothing here knows flag names except the error messages.
-
-Shared fields live once: ``seed`` in :class:`ParallelConfig` (the runtime seeds every generator
-from it; sampling and training draw from it too), ``seq_length`` in :class:`ModelConfig`,
-``micro_batch_size`` / ``global_batch_size`` in :class:`BatchConfig`.
-"""
+"""The configs every task shares (runtime, model, source, batch, ...) and the PTQ / eval /
+export / optimizer ones. See :mod:`post_training.config`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -172,16 +162,27 @@ class GenerateConfig:
 
 
 @dataclass(kw_only=True)
-class QuantizeConfig:
-    """Post-training quantization: format, KV cache, calibration data, auto-quantize search."""
+class CalibConfig:
+    """Calibration data: the samples a forward loop runs through the model (PTQ scales,
+    auto-quantize scores, pruning importance)."""
 
-    quant_cfg: str = "FP8_DEFAULT_CFG"  # a ModelOpt config name, a .yaml/.yml/.json recipe, or auto
-    kv_cache_quant: str = "none"
     calib_dataset: str = BUILTIN  # builtin, builtin-chat, a datasets hub name, or a local file
     calib_split: str = "train"
     calib_field: str | None = None  # default: messages, conversations or text
     calib_size: int = 32  # samples of calib_seq_length tokens
     calib_seq_length: int = 512
+
+    def __post_init__(self) -> None:
+        _check([(self.calib_size >= 1 and self.calib_seq_length >= 2,
+                 "--calib-size must be >= 1 and --calib-seq-length >= 2")])
+
+
+@dataclass(kw_only=True)
+class QuantizeConfig:
+    """Post-training quantization: format, KV cache, auto-quantize search (data: CalibConfig)."""
+
+    quant_cfg: str = "FP8_DEFAULT_CFG"  # a ModelOpt config name, a .yaml/.yml/.json recipe, or auto
+    kv_cache_quant: str = "none"
     auto_bits: float | None = None  # effective weight bits the searched model must not exceed
     auto_formats: str = "FP8_DEFAULT_CFG,INT4_AWQ_CFG"  # candidates; "no quantization" is implied
     auto_method: str = "gradient"
@@ -202,8 +203,6 @@ class QuantizeConfig:
         _check([
             (self.kv_cache_quant in KV_CACHE_FORMATS,
              f"--export-kv-cache-quant must be one of {', '.join(KV_CACHE_FORMATS)} (got {self.kv_cache_quant!r})"),
-            (self.calib_size >= 1 and self.calib_seq_length >= 2,
-             "--calib-size must be >= 1 and --calib-seq-length >= 2"),
             (self.ppl_windows >= 0, f"--ppl-windows must be >= 0 (got {self.ppl_windows})"),
         ])
 
