@@ -35,7 +35,11 @@ from megatron.core.utils import get_model_config
 from post_training.config import BatchConfig, TrainConfig
 from post_training.loss_func import loss_func, reduce_report
 from post_training.runtime import Runtime
-from post_training.runtime.collectives import broadcast_from_last_stage, comm_device
+from post_training.runtime.collectives import (
+    broadcast_from_last_stage,
+    broadcast_object_from_last_stage,
+    comm_device,
+)
 from post_training.runtime.dist import seed_everything
 from post_training.utils import UsageError
 
@@ -45,10 +49,11 @@ Microbatch = dict[str, torch.Tensor]
 class StepResult(NamedTuple):
     """What one step reports; identical on every rank."""
 
-    loss: float  # token-level mean LM loss of the global batch, before the update
+    loss: float  # token-level mean of the optimized loss ("total loss", else "lm loss")
     grad_norm: float | None  # global norm before clipping; None when clip_grad == 0
     lr: float  # learning rate used by this step's update
     skipped: bool = False  # fp16 loss-scale overflow: no update, the schedule did not advance
+    losses: dict[str, float] | None = None  # every reported term by name (Megatron's names)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, batch: BatchConfig, seed: int
@@ -143,14 +148,19 @@ def forward_step(data_iterator: Iterator[Microbatch], model: torch.nn.Module
     and loss mask. With labels the last stage returns per-token losses, not logits, so the
     vocab-sized logits never leave the vocab-parallel cross entropy."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # attention_mask: [b, 1, s, s] bool, True = masked (Megatron's convention), for packed
+    # documents that must not see each other; None = causal
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"], model=model)
 
 
 def train_step(model: DistributedDataParallel, optimizer: MegatronOptimizer,
                scheduler: OptimizerParamScheduler, batches: list[Microbatch],
-               cfg: BatchConfig) -> StepResult:
-    """One optimizer step on this DP rank's microbatches (from :func:`microbatches`)."""
+               cfg: BatchConfig, adjust_tensor_shapes_fn=None) -> StepResult:
+    """One optimizer step on this DP rank's microbatches (from :func:`microbatches`).
+    ``adjust_tensor_shapes_fn``: PP send/recv shapes when a stage sends more than its own
+    activations (distillation: student and teacher together)."""
     n = cfg.num_microbatches(ps.get_data_parallel_world_size())
     if len(batches) != n:
         raise UsageError(f"train_step got {len(batches)} microbatches, expected {n}")
@@ -164,20 +174,27 @@ def train_step(model: DistributedDataParallel, optimizer: MegatronOptimizer,
         seq_length=batches[0]["tokens"].size(1),
         micro_batch_size=cfg.micro_batch_size,
         forward_only=False,
+        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn,
     )
     lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else 0.0
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:  # as Megatron-LM: a skipped (overflowed) step does not count
         scheduler.step(increment=cfg.global_size(ps.get_data_parallel_world_size()))
-    loss = _loss_on_every_rank(reports)
+    losses = losses_on_every_rank(reports)
+    loss = losses.get("total loss", losses["lm loss"])
     return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
-                      skipped=not update_successful)
+                      skipped=not update_successful, losses=losses)
 
 
-def _loss_on_every_rank(reports: list) -> float:
-    """The last stage holds the reports; reduce them over DP and give the mean to all
-    pipeline stages (TP ranks of the last stage already agree)."""
-    value = torch.zeros(1, dtype=torch.float64, device=comm_device())
+def losses_on_every_rank(reports: list) -> dict[str, float]:
+    """The last stage holds the reports; reduce them over DP and give the means to all
+    pipeline stages (TP ranks of the last stage already agree). The report keys travel too,
+    since only the last stage knows which terms the loss function reported."""
+    names = sorted(reports[0]) if reports and ps.is_pipeline_last_stage(ignore_virtual=True) else []
+    names = broadcast_object_from_last_stage(names)
+    value = torch.zeros(len(names), dtype=torch.float64, device=comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        value[0] = reduce_report(reports, ps.get_data_parallel_group())["lm loss"]
-    return float(broadcast_from_last_stage(value)[0])
+        means = reduce_report(reports, ps.get_data_parallel_group())
+        value[:] = torch.tensor([means[n] for n in names], dtype=torch.float64)
+    value = broadcast_from_last_stage(value)
+    return {n: float(v) for n, v in zip(names, value)}

@@ -44,6 +44,18 @@ def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_object_from_last_stage(obj: T) -> T:
+    """A picklable object from the last pipeline stage to every stage of this pipeline."""
+    if not (_initialized() and _pp_size() > 1):
+        return obj
+    from megatron.core import parallel_state as ps
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
 def dp_sum(t: torch.Tensor) -> torch.Tensor:
     """In place: the sum of ``t`` over the data-parallel group."""
     from megatron.core import parallel_state as ps
@@ -95,5 +107,5 @@ def rank0_then_share(fn: Callable[[], T]) -> T | None:
     return result
 
 
-__all__ = ["broadcast_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
+__all__ = ["broadcast_from_last_stage", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
            "last_stage_dp_sum", "rank0_then_share"]
