@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # loss curves and acceptance charts (PNG)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
