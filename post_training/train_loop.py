@@ -62,6 +62,43 @@ class LoopResult:
     plot: Path | None = None
 
 
+def quantizer_summary(model) -> str | None:
+    """QAT: a quantized --load trains with fake quantization in forward and backward, the scales
+    (amax) fixed by the PTQ calibration (restored by setup_model; nothing recalibrates them)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    if not qs:
+        return None
+    on = [m for m in qs if m.is_enabled]
+    calibrating = sum(bool(getattr(m, "_if_calib", False)) for m in on)
+    if calibrating:  # a half-finished calibration would move the scales while training
+        raise UsageError(f"{calibrating} quantizers of the loaded model are still calibrating: "
+                         f"load a checkpoint saved after calibration (scripts/quantize.sh)")
+    return (f"QAT: {len(on)} of {len(qs)} quantizers enabled (fake quantization in training), "
+            f"scales kept from calibration")
+
+
+def apply_lora(model, rank: int, seed: int) -> str:
+    """ModelOpt LoRA adapters (rank ``rank``, all linear layers but the output layer); only the
+    adapters train. A --load that holds adapters already (a LoRA checkpoint) keeps them."""
+    import modelopt.torch.peft as mtpeft
+    from modelopt.torch.peft.convert import is_peft_model
+
+    if not is_peft_model(model):
+        torch.manual_seed(seed)  # lora_A of replicated layers: the same init on every TP rank
+        mtpeft.update_model(model, {
+            "adapter_type": "lora", "adapter_name": "default",
+            "adapter_cfg": {"*": {"rank": rank, "scale": 1.0, "enable": True},
+                            "*output_layer*": {"enable": False}}})
+    n_train = n_all = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        n_all += p.numel()
+        n_train += p.numel() if p.requires_grad else 0
+    return f"LoRA rank {rank}: {n_train:,} trainable parameters of {n_all:,} (base weights frozen)"
+
+
 def evaluate(model, batches: Batches, batch: BatchConfig, iters: int, adjust_tensor_shapes_fn=None
              ) -> dict[str, float]:
     """Token-level mean of every reported term over ``iters`` global batches, forward only
