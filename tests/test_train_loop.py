@@ -116,3 +116,95 @@ def test_parallel_loop_matches_tp1(ref, request, layout):
     print(f"{layout}: max rel diff vs TP=1 through the loop: loss {rel:.1e}, valid {vrel:.1e}")
     assert got["iteration"] == tp1["iteration"] and [v[0] for v in got["valid"]] == [3, 6]
     assert rel < LOSS_RTOL and vrel < LOSS_RTOL
+
+
+def test_optimizer_layout_mismatch_suggests_no_load_optim(ref, tiny_llama, runtime):
+    """A LoRA run resuming a full fine-tune's checkpoint: the optimizer state holds the base
+    weights' moments, the new optimizer only the adapters' -> one line naming --no-load-optim."""
+    from post_training.config import ModelConfig, SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.train_loop import apply_lora
+    from post_training.utils import UsageError
+
+    d, _ = ref
+    ck = str(d / "ck" / "iter_0000003")
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama), load=ck),
+                              ModelConfig(seq_length=16), runtime, inference=False)
+    assert apply_lora(model, 4, seed=1).startswith("LoRA rank 4: ")
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(UsageError, match="pass --no-load-optim") as e:
+        loop.run(str(tiny_llama), runtime, iters=5, load=ck, model=model)
+    assert "\n" not in str(e.value)
+    out = loop.run(str(tiny_llama), runtime, iters=5, load=ck, model=model, no_load_optim=True)
+    assert out["iteration"] == [4, 5] and all(math.isfinite(x) for x in out["loss"])
+
+
+def test_qat_on_a_quantized_checkpoint(tiny_llama, runtime, tmp_path):
+    """--load of a PTQ (FP8) checkpoint: training starts at iteration 0 with every quantizer
+    enabled and the calibrated amax untouched; the trained checkpoint reloads with them."""
+    from workers.ckpt import build, save
+    from post_training.config import ModelConfig, SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.train_loop import quantizer_summary
+
+    def amax(m):
+        return {n: q.amax.clone() for n, q in m.named_modules()
+                if n.endswith("_quantizer") and getattr(q, "amax", None) is not None}
+
+    ptq = build(runtime, str(tiny_llama), quantize="fp8")
+    save(ptq, runtime, str(tmp_path / "ptq"), None, str(tiny_llama))
+    calibrated = amax(ptq)
+    model, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama), load=str(tmp_path / "ptq")),
+                              ModelConfig(seq_length=16), runtime, inference=False)
+    summary = quantizer_summary(model)
+    assert summary.startswith("QAT: ") and "scales kept from calibration" in summary
+    out = loop.run(str(tiny_llama), runtime, iters=3, load=str(tmp_path / "ptq"), save=str(tmp_path / "qat"),
+                   model=model)
+    assert out["iteration"] == [1, 2, 3] and all(math.isfinite(x) for x in out["loss"])
+    assert out["loss"][-1] < out["loss"][0]
+    after = amax(model)
+    assert calibrated.keys() == after.keys() and len(after) > 10
+    assert all(torch.equal(calibrated[k], after[k]) for k in after)
+    reloaded, _, _ = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama), load=str(tmp_path / "qat")),
+                                 ModelConfig(seq_length=16), runtime)
+    assert quantizer_summary(reloaded) == summary
+    assert all(torch.equal(after[k], v) for k, v in amax(reloaded).items())
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in reloaded.named_parameters())
+
+
+def test_bad_input_is_one_line(tiny_llama):
+    from dist_utils import clean_env, run_script
+    from test_cli import assert_one_line_error
+
+    env = clean_env(HF_MODEL_CKPT=str(tiny_llama), DP="2")
+    assert_one_line_error(run_script("finetune.sh", "--global-batch-size", "2", "--micro-batch-size", "2", env=env),
+                          "--global-batch-size (2) must be divisible by --micro-batch-size * DP (2 * 2)")
+    assert_one_line_error(run_script("distill.sh", "--train-iters", "2", env=env), "--export-kd-teacher-load")
+
+
+@pytest.mark.slow
+def test_finetune_script_dp2_matches_in_process(tiny_llama, runtime, tmp_path):
+    """finetune.sh on 2 data-parallel ranks (built-in chats, packed, 2 microbatches a rank)
+    reproduces the in-process single-rank run of the same entry (4 microbatches), writes the
+    jsonl, the PNG and a checkpoint that reloads."""
+    from dist_utils import clean_env, run_script
+    from post_training.cli.train import main
+
+    args = ["--seq-length", "64", "--train-iters", "3", "--lr", "1e-3", "--micro-batch-size", "1",
+            "--global-batch-size", "4", "--eval-interval", "3", "--eval-iters", "1",
+            "--finetune-valid-fraction", "0.2", "--device", "cpu"]
+    assert main(["--pretrained-model-path", str(tiny_llama), "--log-file", str(tmp_path / "ref.jsonl"),
+                 "--no-plot", *args]) == 0
+    res = run_script("finetune.sh", *args, "--log-file", str(tmp_path / "dp2.jsonl"),
+                     env=clean_env(HF_MODEL_CKPT=str(tiny_llama), MLM_MODEL_SAVE=str(tmp_path / "ft"), DP="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| lm loss: " in res.stdout and "validation loss at iteration 3 | lm loss value: " in res.stdout
+    ref, dp2 = ([json.loads(x) for x in (tmp_path / n).read_text().splitlines()] for n in ("ref.jsonl", "dp2.jsonl"))
+    assert [r["kind"] for r in dp2] == ["train"] * 3 + ["valid"]
+    for a, b in zip(ref, dp2):
+        assert a["iteration"] == b["iteration"]
+        assert b["losses"]["lm loss"] == pytest.approx(a["losses"]["lm loss"], rel=LOSS_RTOL)
+    assert (tmp_path / "ft" / "loss_curves.png").is_file()
+    assert cio.read_tracker(tmp_path / "ft").name == "iter_0000003"
+    assert "MLM_MODEL_CKPT=" + str(tmp_path / "ft") + " bash scripts/generate.sh" in res.stdout
