@@ -29,8 +29,16 @@ def check(args) -> None:
         raise UsageError("--save-interval needs --save (or MLM_MODEL_SAVE)")
     if (args.loop.finetune or args.loop.no_load_optim or args.loop.no_load_rng) and not args.source.load:
         raise UsageError("--finetune / --no-load-optim / --no-load-rng need --load (or MLM_MODEL_CKPT)")
-    if args.loop.lora_rank and args.distill.enabled:
-        raise UsageError("--lora-rank with distillation is not supported: train the full student")
+    if args.distill.enabled:
+        from post_training.distillation import check_distill_inputs  # yaml only, no megatron-core
+
+        check_distill_inputs(args.distill)
+        if args.loop.lora_rank:
+            raise UsageError("--lora-rank with distillation is not supported: train the full student")
+        if args.runtime.pp > 1 and args.batch.micro_batch_size > 1:
+            # the teacher's activations travel with the student's between stages, in shapes
+            # set up for one sequence per microbatch
+            raise UsageError("distillation at PP > 1 needs --micro-batch-size 1")
 
 
 def main(argv: list[str]) -> int:
