@@ -17,6 +17,7 @@ Imports neither megatron-core nor ModelOpt (cheap for ``--preflight``).
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from pathlib import Path
 from typing import Iterator
@@ -198,18 +199,24 @@ def tokenize_conversation(messages: list[dict], tokenizer, all_tokens: bool = Fa
 
 def pack(docs: list[tuple[list[int], list[int]]], length: int, pad_id: int, packed: bool
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples of ``length`` tokens: documents in order, next-fit (a document that does not fit
-    starts the next sample; documents are never split), the rest padded with loss mask 0.
-    Returns tokens, loss_mask and document ids (0, 1, ... per sample; padding -1, a document
-    of its own, so it never shares attention with real tokens), each [samples, length]."""
+    """Samples of ``length`` tokens. Packed: best fit (each document, in the given order, goes
+    to the open sample it fills most tightly, else starts a new one; documents are never
+    split); else one document a sample. The rest is padding with loss mask 0. Returns tokens,
+    loss_mask and document ids (0, 1, ... per sample; padding -1, a document of its own, so
+    it never shares attention with real tokens), each [samples, length]."""
     rows: list[list[tuple[list[int], list[int]]]] = []
-    used = length
+    free: list[tuple[int, int]] = []  # sorted (room left, row) of the rows with room
     for doc in docs:
-        if not packed or used + len(doc[0]) > length:
+        n = len(doc[0])
+        at = bisect.bisect_left(free, (n, -1)) if packed else len(free)
+        if at < len(free):
+            room, r = free.pop(at)
+        else:
+            room, r = length, len(rows)
             rows.append([])
-            used = 0
-        rows[-1].append(doc)
-        used += len(doc[0])
+        rows[r].append(doc)
+        if packed and room - n > 0:
+            bisect.insort(free, (room - n, r))
     tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(rows), length), dtype=torch.long)
     doc_ids = torch.full((len(rows), length), -1, dtype=torch.long)
