@@ -129,13 +129,17 @@ def load_conversations(cfg: SFTDataConfig) -> list[list[dict]]:
 
 # ----------------------------------------------------------------------------- tokenization
 
-def _render(tokenizer, msgs: list[dict], generation_prompt: bool) -> str:
+def _render(tokenizer, msgs: list[dict], generation_prompt: bool, prefix: bool = True) -> str:
     if not msgs and not generation_prompt:
         return ""
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception:  # some templates reject a prefix (e.g. one that must end with a user turn)
-        return ""
+    except Exception as e:  # jinja's TemplateError and whatever a template raises
+        if prefix:  # some templates reject a prefix (e.g. one that must end with a user turn)
+            return ""
+        roles = ", ".join(m["role"] for m in msgs)
+        raise UsageError(f"the chat template rejects a conversation (roles {roles}): "
+                         f"{' '.join(str(e).split())[:200]}") from None
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -157,7 +161,7 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     of the prefix rendered with the generation prompt to the end of the prefix through the
     reply (its end-of-turn tokens included: the model must learn to stop). A template that
     renders earlier turns differently once more follow still gives the common part."""
-    full = _render(tokenizer, messages, False)
+    full = _render(tokenizer, messages, False, prefix=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -176,10 +180,10 @@ def tokenize_conversation(messages: list[dict], tokenizer, all_tokens: bool = Fa
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        starts = np.array([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+        offsets = np.array(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         mask = np.zeros(len(ids), dtype=np.int64)
-        for s, e in spans:
-            mask[(starts >= s) & (starts < e)] = 1
+        for s, e in spans:  # a token that overlaps a reply is the model's to produce (" Four" after "BOT:")
+            mask[(offsets[:, 0] < e) & (offsets[:, 1] > s)] = 1
         mask = mask.tolist()
     else:  # no offsets: tokenize the pieces between span boundaries separately
         cuts = sorted({0, len(full), *[c for sp in spans for c in sp]})

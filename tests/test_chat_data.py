@@ -209,3 +209,22 @@ def test_packed_document_loss_equals_the_document_alone(tiny_llama, runtime, tmp
     allowed = ~packed_attention_mask(doc)[0, 0]
     assert allowed.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
                                 [0, 0, 0, 0, 1]]
+
+
+def test_any_template_without_generation_tags(tok):
+    """A template of another shape (no {% generation %}, a stop marker only after the last
+    reply): the mask still covers the replies, and never text the full render lacks."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }}\n"
+                       "{% elif m['role'] == 'assistant' %}BOT: {{ m['content'] }}\n{% endif %}"
+                       "{% if loop.last and m['role'] == 'assistant' %}[END]{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}BOT: {% endif %}")
+    msgs = CONVS[0]
+    ids, mask = tokenize_conversation(msgs, t)
+    text = t.decode([i for i, m in zip(ids, mask) if m])
+    assert text == " Four.\n Six, of course.\n[END]"  # " Four" is one token: the reply's
+    with pytest.raises(UsageError, match="rejects a conversation"):
+        t.chat_template = "{{ raise_exception('roles must alternate') }}"
+        tokenize_conversation(msgs, t)
