@@ -5,6 +5,7 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --forward            logits + greedy tokens of the chat prompt (forward.py), with --kv the
                        KV-cache checks in both key formats
   --train              4 training steps on a fixed batch (train.py)
+  --loop               6 iterations of the training loop with evaluation (loop.py)
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 import ckpt
 import forward
+import loop
 import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
@@ -31,6 +33,7 @@ def main() -> None:
     p.add_argument("--forward", action="store_true")
     p.add_argument("--kv", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--loop", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
     a = p.parse_args()
@@ -45,6 +48,8 @@ def main() -> None:
         if any(g != out for g in gathered):
             raise AssertionError(f"ranks disagree: {gathered}")
         mine["train"] = out
+    if a.loop:
+        mine["loop"] = loop.run(a.hf_dir, rt, iters=6, eval_interval=3)  # same on every rank
     for spec in a.save:
         name, _, target = spec.partition("=")
         root, _, quant = target.partition(":")
