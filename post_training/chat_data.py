@@ -17,6 +17,7 @@ Imports neither megatron-core nor ModelOpt (cheap for ``--preflight``).
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from pathlib import Path
 from typing import Iterator
@@ -128,13 +129,17 @@ def load_conversations(cfg: SFTDataConfig) -> list[list[dict]]:
 
 # ----------------------------------------------------------------------------- tokenization
 
-def _render(tokenizer, msgs: list[dict], generation_prompt: bool) -> str:
+def _render(tokenizer, msgs: list[dict], generation_prompt: bool, prefix: bool = True) -> str:
     if not msgs and not generation_prompt:
         return ""
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception:  # some templates reject a prefix (e.g. one that must end with a user turn)
-        return ""
+    except Exception as e:  # jinja's TemplateError and whatever a template raises
+        if prefix:  # some templates reject a prefix (e.g. one that must end with a user turn)
+            return ""
+        roles = ", ".join(m["role"] for m in msgs)
+        raise UsageError(f"the chat template rejects a conversation (roles {roles}): "
+                         f"{' '.join(str(e).split())[:200]}") from None
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -156,7 +161,7 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     of the prefix rendered with the generation prompt to the end of the prefix through the
     reply (its end-of-turn tokens included: the model must learn to stop). A template that
     renders earlier turns differently once more follow still gives the common part."""
-    full = _render(tokenizer, messages, False)
+    full = _render(tokenizer, messages, False, prefix=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -175,10 +180,10 @@ def tokenize_conversation(messages: list[dict], tokenizer, all_tokens: bool = Fa
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        starts = np.array([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+        offsets = np.array(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         mask = np.zeros(len(ids), dtype=np.int64)
-        for s, e in spans:
-            mask[(starts >= s) & (starts < e)] = 1
+        for s, e in spans:  # a token that overlaps a reply is the model's to produce (" Four" after "BOT:")
+            mask[(offsets[:, 0] < e) & (offsets[:, 1] > s)] = 1
         mask = mask.tolist()
     else:  # no offsets: tokenize the pieces between span boundaries separately
         cuts = sorted({0, len(full), *[c for sp in spans for c in sp]})
@@ -198,18 +203,24 @@ def tokenize_conversation(messages: list[dict], tokenizer, all_tokens: bool = Fa
 
 def pack(docs: list[tuple[list[int], list[int]]], length: int, pad_id: int, packed: bool
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples of ``length`` tokens: documents in order, next-fit (a document that does not fit
-    starts the next sample; documents are never split), the rest padded with loss mask 0.
-    Returns tokens, loss_mask and document ids (0, 1, ... per sample; padding -1, a document
-    of its own, so it never shares attention with real tokens), each [samples, length]."""
+    """Samples of ``length`` tokens. Packed: best fit (each document, in the given order, goes
+    to the open sample it fills most tightly, else starts a new one; documents are never
+    split); else one document a sample. The rest is padding with loss mask 0. Returns tokens,
+    loss_mask and document ids (0, 1, ... per sample; padding -1, a document of its own, so
+    it never shares attention with real tokens), each [samples, length]."""
     rows: list[list[tuple[list[int], list[int]]]] = []
-    used = length
+    free: list[tuple[int, int]] = []  # sorted (room left, row) of the rows with room
     for doc in docs:
-        if not packed or used + len(doc[0]) > length:
+        n = len(doc[0])
+        at = bisect.bisect_left(free, (n, -1)) if packed else len(free)
+        if at < len(free):
+            room, r = free.pop(at)
+        else:
+            room, r = length, len(rows)
             rows.append([])
-            used = 0
-        rows[-1].append(doc)
-        used += len(doc[0])
+        rows[r].append(doc)
+        if packed and room - n > 0:
+            bisect.insort(free, (room - n, r))
     tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(rows), length), dtype=torch.long)
     doc_ids = torch.full((len(rows), length), -1, dtype=torch.long)
