@@ -192,12 +192,16 @@ def teacher_hf_config(dcfg: DistillConfig, student_hf: Any) -> tuple[Any, Path |
     return hf, base_dir
 
 
-def build_teacher(dcfg: DistillConfig, src: SourceConfig, mcfg: ModelConfig, rt, student_hf: Any):
-    """The teacher stage of this rank at the student's TP/PP, loaded, in eval, frozen."""
+def build_teacher(dcfg: DistillConfig, src: SourceConfig, mcfg: ModelConfig, rt, student_hf: Any,
+                  check: Callable[[Any], None] | None = None):
+    """The teacher stage of this rank at the student's TP/PP, loaded, in eval, frozen.
+    ``check(teacher_hf_config)`` runs before anything is built or read."""
     from post_training.checkpointing.load import load_model_checkpoint
     from post_training.model_builder import build_model, import_hf_weights
 
     hf, base_dir = teacher_hf_config(dcfg, student_hf)
+    if check is not None:
+        check(hf)
     teacher = build_model(hf, rt, mcfg)
     if teacher_kind(dcfg) == "dist":
         load_model_checkpoint(dcfg.teacher_load, teacher, rt, strictness="raise_all",
@@ -250,8 +254,12 @@ def _check_models(student, teacher, kd: dict, dcfg: DistillConfig, rt, tokenizer
         raise UsageError(errors[0])
 
 
-def _check_fit(student, teacher, kd, dcfg, rt, tokenizer, teacher_dir) -> None:
-    sv, tv = student.vocab_size, teacher.vocab_size
+def check_teacher_config(student, thf: Any, kd: dict, dcfg: DistillConfig, rt) -> None:
+    """What the teacher's HF config alone decides (the same on every rank): vocabulary,
+    hidden size for intermediate pairs, pipeline stage of the paired layers."""
+    from types import SimpleNamespace
+
+    sv, tv = student.vocab_size, thf.vocab_size
     if sv != tv:
         if not dcfg.truncate_vocab:
             raise UsageError(
@@ -261,19 +269,26 @@ def _check_fit(student, teacher, kd, dcfg, rt, tokenizer, teacher_dir) -> None:
         if rt.tp > 1:
             raise UsageError("--kd-truncate-vocab works at TP=1 only (the vocab-parallel shards of "
                              "the two models do not line up)")
+    pairs = kd["intermediate_layer_pairs"]
+    if pairs and student.config.hidden_size != thf.hidden_size:
+        raise UsageError(
+            f"intermediate_layer_pairs need equal hidden sizes (student {student.config.hidden_size}, "
+            f"teacher {thf.hidden_size}): the projection ModelOpt would insert is neither saved nor "
+            f"trained here; use logits-only KD")
+    tcfg = SimpleNamespace(num_layers=thf.num_hidden_layers)
+    for entry in pairs:
+        _local_layer_name(entry[0], student.config, rt)
+        _local_layer_name(entry[1], tcfg, rt)
+
+
+def _check_fit(student, teacher, kd, dcfg, rt, tokenizer, teacher_dir) -> None:
     if teacher_dir is not None and tokenizer is not None and (Path(teacher_dir) / "tokenizer.json").is_file():
         from post_training.hf import load_tokenizer
 
         if load_tokenizer(Path(teacher_dir)).get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"the teacher's tokenizer ({teacher_dir}) differs from the student's: "
                              f"KD needs one tokenizer")
-    pairs = kd["intermediate_layer_pairs"]
-    if pairs and student.config.hidden_size != teacher.config.hidden_size:
-        raise UsageError(
-            f"intermediate_layer_pairs need equal hidden sizes (student {student.config.hidden_size}, "
-            f"teacher {teacher.config.hidden_size}): the projection ModelOpt would insert is neither "
-            f"saved nor trained here; use logits-only KD")
-    for entry in pairs:
+    for entry in kd["intermediate_layer_pairs"]:
         for model, name, who in ((student, entry[0], "student"), (teacher, entry[1], "teacher")):
             local = _local_layer_name(name, model.config, rt)
             if rt.is_last_stage:
@@ -347,7 +362,8 @@ def setup_distillation(student, dcfg: DistillConfig, src: SourceConfig, mcfg: Mo
         raise UsageError("the model already has a teacher attached")
     kd = read_kd_cfg(dcfg.kd_cfg)
     student_hf = AutoConfig.from_pretrained(hf_mod.source_hf_dir(src))
-    teacher, _, teacher_dir = build_teacher(dcfg, src, mcfg, rt, student_hf)
+    teacher, _, teacher_dir = build_teacher(
+        dcfg, src, mcfg, rt, student_hf, check=lambda thf: check_teacher_config(student, thf, kd, dcfg, rt))
     _check_models(student, teacher, kd, dcfg, rt, tokenizer, teacher_dir)
 
     dc = mtd_mcore.DistillationConfig(
