@@ -144,7 +144,8 @@ def test_optimizer_layout_mismatch_suggests_no_load_optim(ref, tiny_llama, runti
 
 def test_qat_on_a_quantized_checkpoint(tiny_llama, runtime, tmp_path):
     """--load of a PTQ (FP8) checkpoint: training starts at iteration 0 with every quantizer
-    enabled and the calibrated amax untouched; the trained checkpoint reloads with them."""
+    enabled and the calibrated amax untouched; the trained checkpoint reloads with them (what
+    generate / evaluate do) and exports as FP8."""
     from workers.ckpt import build, save
     from post_training.config import ModelConfig, SourceConfig
     from post_training.model_builder import setup_model
@@ -174,6 +175,12 @@ def test_qat_on_a_quantized_checkpoint(tiny_llama, runtime, tmp_path):
     assert all(torch.equal(after[k], v) for k, v in amax(reloaded).items())
     trained = dict(model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in reloaded.named_parameters())
+    from post_training.config import ExportConfig
+    from post_training.export import export_model
+
+    export_model(reloaded, runtime, tiny_llama, ExportConfig(export_dir=str(tmp_path / "hf")), torch.float32)
+    hf_quant = json.loads((tmp_path / "hf" / "hf_quant_config.json").read_text())
+    assert hf_quant["quantization"]["quant_algo"] == "FP8"
 
 
 def test_bad_input_is_one_line(tiny_llama):
