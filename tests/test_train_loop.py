@@ -60,7 +60,7 @@ def test_format_of_the_log_lines():
 
 
 def test_loss_decreases_over_20_steps(tiny_llama, runtime):
-    out = loop.run(str(tiny_llama), runtime, iters=20, lr=1e-2, global_batch_size=2, micro_batch_size=1)
+    out = loop.run(str(tiny_llama), runtime, iters=20, lr=1e-2, global_batch_size=2, micro_batch_size=2)
     first, last = sum(out["loss"][:3]) / 3, sum(out["loss"][-3:]) / 3
     print("losses:", [round(x, 3) for x in out["loss"]])
     assert last < first - 2.0, out["loss"]  # from ~ln(49152) towards ln(64) of the token range
