@@ -218,10 +218,11 @@ def tp1_kd(tiny_dirs, runtime, kd_yaml):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,key", [("mr_tp2", "distill"), ("mr_tp2", "distill:dp"),
-                                        ("mr_pp2", "distill"), ("mr_2x2", "distill")])
-def test_parallel_distillation_matches_tp1(tp1_kd, request, layout, key):
+@pytest.mark.parametrize("layout,key,tp_pp_dp", [("mr_tp2", "distill", (2, 1, 1)), ("mr_tp2", "distill:dp", (1, 1, 2)),
+                                                 ("mr_pp2", "distill", (1, 2, 1)), ("mr_2x2", "distill", (2, 2, 1))])
+def test_parallel_distillation_matches_tp1(tp1_kd, request, layout, key, tp_pp_dp):
     got = request.getfixturevalue(layout)[key]
+    assert got["layout"] == tp_pp_dp
     assert [set(s) for s in got["losses"]] == [set(s) for s in tp1_kd["losses"]]
     assert "intermediate distillation loss" in got["losses"][0]
     rel = max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(got["losses"], tp1_kd["losses"]) for k in b)
