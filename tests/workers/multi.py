@@ -5,6 +5,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --forward            logits + greedy tokens of the chat prompt (forward.py), with --kv the
                        KV-cache checks in both key formats
   --train              4 training steps on a fixed batch (train.py)
+  --loop               6 iterations of the training loop with evaluation (loop.py)
+  --loop-dp            last: the same at TP=1 PP=1 over all ranks (DP = world size)
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
@@ -22,6 +24,7 @@ from megatron.core import parallel_state as ps
 import ckpt
 import distill
 import forward
+import loop
 import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
@@ -35,6 +38,8 @@ def main() -> None:
     p.add_argument("--forward", action="store_true")
     p.add_argument("--kv", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--loop", action="store_true")
+    p.add_argument("--loop-dp", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
     p.add_argument("--distill")
@@ -52,6 +57,8 @@ def main() -> None:
         if any(g != out for g in gathered):
             raise AssertionError(f"ranks disagree: {gathered}")
         mine["train"] = out
+    if a.loop:
+        mine["loop"] = loop.run(a.hf_dir, rt, iters=6, eval_interval=3)  # same on every rank
     for spec in a.save:
         name, _, target = spec.partition("=")
         root, _, quant = target.partition(":")
@@ -65,6 +72,8 @@ def main() -> None:
         mine["distill"] = _distill(a, rt)
     if a.distill_dp:  # changes the layout: keep it last
         mine["distill:dp"] = _distill(a, distill.relayout(rt, 1, 1))
+    if a.loop_dp:  # changes the layout too
+        mine["loop:dp"] = loop.run(a.hf_dir, distill.relayout(rt, 1, 1), iters=6, eval_interval=3)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if dist.get_rank() == 0:
