@@ -132,8 +132,9 @@ def test_checkpoint_holds_the_student_and_a_resume_reattaches_the_teacher(kd_run
     wanted = {v.key for v in nested_values(plain.sharded_state_dict())
               if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
     assert saved == wanted  # the student's tensors, nothing of the teacher
-    meta = json.loads((it / "metadata.json").read_text()) if (it / "metadata.json").exists() else {}
-    assert "kd_loss" not in json.dumps(meta)
+    from post_training.io import layout as cio
+
+    assert cio.read_meta(it)["modelopt_modes"] == []  # ModelOpt records no kd_loss mode
     # the loss of the saved weights, then the same from a resumed run (teacher from the flags)
     nxt = train_step(kd_run["model"], kd_run["optimizer"], kd_run["scheduler"], kd_run["batches"], kd_run["batch"])
     resumed = kd_worker.run(llama, qwen, runtime, load=str(tmp_path / "ckpt"), steps=1)
@@ -141,15 +142,21 @@ def test_checkpoint_holds_the_student_and_a_resume_reattaches_the_teacher(kd_run
     assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a), (a, b)
 
 
-def test_qad_fake_quantized_student_learns_from_its_fp_teacher(tiny_llama, runtime, tmp_path):
-    """QAD: the student is the FP8 PTQ checkpoint (--load), the teacher the unquantized HF model."""
+@pytest.fixture(scope="module")
+def ptq_ckpt(tiny_llama, runtime, tmp_path_factory):
+    """The FP8 (weights, activations, KV cache) PTQ checkpoint of the tiny llama."""
     from workers import ckpt
 
+    root = tmp_path_factory.mktemp("ptq") / "fp8"
+    ckpt.save(ckpt.build(runtime, str(tiny_llama), quantize="fp8"), runtime, str(root), None, str(tiny_llama))
+    return root
+
+
+def test_qad_fake_quantized_student_learns_from_its_fp_teacher(tiny_llama, runtime, ptq_ckpt):
+    """QAD: the student is the FP8 PTQ checkpoint (--load), the teacher the unquantized HF model."""
     from post_training.utils import unwrap
 
-    ckpt.save(ckpt.build(runtime, str(tiny_llama), quantize="fp8"), runtime, str(tmp_path / "ptq"), None,
-              str(tiny_llama))
-    out = kd_worker.run(str(tiny_llama), str(tiny_llama), runtime, load=str(tmp_path / "ptq"), steps=3, lr=1e-4)
+    out = kd_worker.run(str(tiny_llama), str(tiny_llama), runtime, load=str(ptq_ckpt), steps=3, lr=1e-4)
     kl = [s["logits distillation loss"] for s in out["losses"]]
     print("QAD logits KL per step:", kl)
     assert kl[0] > 1e-3 and kl[-1] < 0.9 * kl[0]  # the quantization error (0 unquantized), shrinking
@@ -157,6 +164,25 @@ def test_qad_fake_quantized_student_learns_from_its_fp_teacher(tiny_llama, runti
     quantizers = [m for n, m in model.named_modules() if n.endswith("_quantizer") and not n.startswith("_teacher")]
     assert any(q.is_enabled for q in quantizers)
     assert not any(n.endswith("_quantizer") for n, _ in model.teacher_model.named_modules())
+
+
+@pytest.mark.slow
+def test_distill_script_qad_end_to_end(tiny_llama, ptq_ckpt, tmp_path):
+    """distill.sh with the PTQ checkpoint as student and its HF model as teacher: Megatron's KD
+    log lines, and a checkpoint that is the quantized student alone (it loads as one)."""
+    from dist_utils import clean_env, run_script
+
+    from post_training.io import layout as cio
+
+    res = run_script("distill.sh", "--export-kd-teacher-load", str(tiny_llama), "--seq-length", "64",
+                     "--train-iters", "2", "--lr", "1e-4", "--micro-batch-size", "1", "--global-batch-size", "2",
+                     env=clean_env(MLM_MODEL_CKPT=str(ptq_ckpt), MLM_MODEL_SAVE=str(tmp_path / "qad")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("lm loss", "logits distillation loss", "total loss"):
+        assert f"| {name}: " in res.stdout, res.stdout[-2000:]
+    meta = cio.read_meta(tmp_path / "qad" / "iter_0000002")
+    assert meta["modelopt_modes"] == cio.read_meta(cio.find_checkpoint(ptq_ckpt))["modelopt_modes"]
+    assert "kd_loss" not in meta["modelopt_modes"] and meta["modelopt_modes"]
 
 
 # ----------------------------------------------------------------------------- bad teachers
@@ -218,10 +244,11 @@ def tp1_kd(tiny_dirs, runtime, kd_yaml):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,key", [("mr_tp2", "distill"), ("mr_tp2", "distill:dp"),
-                                        ("mr_pp2", "distill"), ("mr_2x2", "distill")])
-def test_parallel_distillation_matches_tp1(tp1_kd, request, layout, key):
+@pytest.mark.parametrize("layout,key,tp_pp_dp", [("mr_tp2", "distill", (2, 1, 1)), ("mr_tp2", "distill:dp", (1, 1, 2)),
+                                                 ("mr_pp2", "distill", (1, 2, 1)), ("mr_2x2", "distill", (2, 2, 1))])
+def test_parallel_distillation_matches_tp1(tp1_kd, request, layout, key, tp_pp_dp):
     got = request.getfixturevalue(layout)[key]
+    assert got["layout"] == tp_pp_dp
     assert [set(s) for s in got["losses"]] == [set(s) for s in tp1_kd["losses"]]
     assert "intermediate distillation loss" in got["losses"][0]
     rel = max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(got["losses"], tp1_kd["losses"]) for k in b)

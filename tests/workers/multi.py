@@ -19,6 +19,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 import ckpt
 import distill
@@ -85,7 +86,8 @@ def main() -> None:
 
 def _distill(a, rt) -> dict:
     out = distill.run(a.hf_dir, a.distill, rt, kd_cfg=a.kd_cfg)
-    out = {"losses": out["losses"], "grad_norm": out["grad_norm"]}
+    out = {"losses": out["losses"], "grad_norm": out["grad_norm"],
+           "layout": (rt.tp, rt.pp, ps.get_data_parallel_world_size())}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, out)
     if any(g != out for g in gathered):
