@@ -168,6 +168,7 @@ GROUPS: dict[str, Group] = {
         Flag("--no-load-rng", "no_load_rng", "with --load: do not restore the RNG states"),
         Flag("--finetune", "finetune", "with --load: weights only, start at iteration 0"),
         Flag("--no-progress", "progress", "no progress bar", negate=True),
+        Flag("--lora-rank", "lora_rank", "train LoRA adapters of this rank (ModelOpt peft), base frozen"),
     )),
     "sft": Group(C.SFTDataConfig, "training data", (
         Flag("--finetune-hf-dataset", "hf_dataset", "datasets hub name (online)"),

@@ -4,7 +4,8 @@ Drop-in for megatron-core's ``DotProductAttention`` in a layer spec (same constr
 forward signature), usable on CPU and GPU. Handles GQA, causal masks, arbitrary boolean
 masks (EAGLE training) and the KV-cache cases of megatron's static inference context:
 
-* queries == keys: ordinary causal attention;
+* queries == keys: ordinary causal attention, restricted by an ``attention_mask`` when one is
+  given (packed documents in training);
 * one query against a cache: no mask;
 * k > 1 queries against a longer cache (speculative verify, chunked prefill): causal
   mask aligned to the *bottom-right*. SDPA's ``is_causal`` aligns top-left, which is
@@ -85,6 +86,11 @@ class SDPAttention(MegatronModule):
                 mask = ~attention_mask.to(torch.bool)  # megatron: True = masked out
                 if attention_bias is not None:
                     raise ValueError("attention_bias with an arbitrary mask is not supported")
+        elif sq == sk and attention_mask is not None and mask_type == AttnMaskType.causal:
+            # Training on packed documents: megatron's local spec says "causal" yet hands the
+            # block-diagonal mask down; honour it (kept causal even if the mask is not).
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+            mask = causal & ~attention_mask.to(torch.bool)
         elif sq == sk:
             is_causal = mask_type != AttnMaskType.no_mask
         elif sq > 1:

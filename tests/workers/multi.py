@@ -5,9 +5,13 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --forward            logits + greedy tokens of the chat prompt (forward.py), with --kv the
                        KV-cache checks in both key formats
   --train              4 training steps on a fixed batch (train.py)
+  --loop               6 iterations of the training loop with evaluation (loop.py)
+  --loop-dp            last: the same at TP=1 PP=1 over all ranks (DP = world size)
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
+  --distill TEACHER    3 distillation steps toward TEACHER with --kd-cfg (distill.py)
+  --distill-dp         last: the same at TP=1 PP=1 over all ranks (DP = world size)
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
 """
@@ -15,9 +19,12 @@ import argparse
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 import ckpt
+import distill
 import forward
+import loop
 import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
@@ -31,8 +38,13 @@ def main() -> None:
     p.add_argument("--forward", action="store_true")
     p.add_argument("--kv", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--loop", action="store_true")
+    p.add_argument("--loop-dp", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
+    p.add_argument("--distill")
+    p.add_argument("--kd-cfg")
+    p.add_argument("--distill-dp", action="store_true")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     mine: dict = {}
@@ -45,6 +57,8 @@ def main() -> None:
         if any(g != out for g in gathered):
             raise AssertionError(f"ranks disagree: {gathered}")
         mine["train"] = out
+    if a.loop:
+        mine["loop"] = loop.run(a.hf_dir, rt, iters=6, eval_interval=3)  # same on every rank
     for spec in a.save:
         name, _, target = spec.partition("=")
         root, _, quant = target.partition(":")
@@ -54,6 +68,12 @@ def main() -> None:
     for spec in a.load:
         name, _, root = spec.partition("=")
         mine[f"load:{name}"] = ckpt.outputs(ckpt.build(rt, load=root), rt)
+    if a.distill:
+        mine["distill"] = _distill(a, rt)
+    if a.distill_dp:  # changes the layout: keep it last
+        mine["distill:dp"] = _distill(a, distill.relayout(rt, 1, 1))
+    if a.loop_dp:  # changes the layout too
+        mine["loop:dp"] = loop.run(a.hf_dir, distill.relayout(rt, 1, 1), iters=6, eval_interval=3)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if dist.get_rank() == 0:
@@ -62,6 +82,17 @@ def main() -> None:
             merged.update({k: v for k, v in part.items() if v is not None and k not in merged})
         torch.save(merged, a.out)
     destroy_runtime()
+
+
+def _distill(a, rt) -> dict:
+    out = distill.run(a.hf_dir, a.distill, rt, kd_cfg=a.kd_cfg)
+    out = {"losses": out["losses"], "grad_norm": out["grad_norm"],
+           "layout": (rt.tp, rt.pp, ps.get_data_parallel_world_size())}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    if any(g != out for g in gathered):
+        raise AssertionError(f"ranks disagree: {gathered}")
+    return out
 
 
 if __name__ == "__main__":
