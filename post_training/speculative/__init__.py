@@ -1,0 +1,2 @@
+"""Speculative decoding: drafters, lossless speculative generation, acceptance measurement on
+MT-Bench-style prompts."""
