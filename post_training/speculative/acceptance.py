@@ -146,12 +146,12 @@ def format_report(summary: dict) -> str:
     """The table, which definition is which, and last the line ``average AL <value>``."""
     k = summary["meta"]["draft_steps"]
     meta = ", ".join(f"{a} {v}" for a, v in summary["meta"].items())
-    pos = "".join(f"  pos{i:<3}" for i in range(1, k + 1))
+    pos = "".join(f"{'pos' + str(i):>8}" for i in range(1, k + 1))
     head = f"{'category':<12}{'prompts':>8}{'tokens':>8}{'steps':>7}{'AL':>8}{'AL mean':>9}{'AR':>7}{pos}"
     lines = [f"acceptance ({meta})", head, "-" * len(head)]
 
     def row(name: str, g: dict) -> str:
-        rates = "".join("     -  " if x is None else f"  {x:6.3f}" for x in g["position_rates"])
+        rates = "".join(f"{'-':>8}" if x is None else f"{x:>8.3f}" for x in g["position_rates"])
         return (f"{name:<12}{g['prompts']:>8}{g['tokens']:>8}{g['steps']:>7}{g['al']:>8.3f}"
                 f"{g['al_mean']:>9.3f}{g['ar']:>7.3f}{rates}")
 
