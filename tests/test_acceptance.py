@@ -262,3 +262,18 @@ def test_preflight_rejects(case, tiny_llama, tmp_path):
         main(args)
     if case == "draft":
         assert main(["--preflight", "--pretrained-model-path", str(tiny_llama), "--categories", "math"]) == 0
+
+
+@pytest.mark.slow
+def test_pp2_acceptance_report_equals_tp1(mr_pp2, tiny):
+    """The replay at PP=2 (tokens broadcast from the last stage, the drafter on every rank)
+    counts the same tokens and steps as in one process."""
+    from post_training.non_loss_data_func import report_draft_acceptance_length
+    from post_training.speculative import NgramDrafter
+
+    model, tok = tiny
+    ref = report_draft_acceptance_length(model, tok, NgramDrafter(3), osl=8, draft_steps=3)
+    got = mr_pp2["acceptance"]
+    assert list(got) == list(ref)
+    for name, r in ref.items():
+        assert (got[name]["tokens"], got[name]["steps"]) == (r["tokens"], r["steps"]), name

@@ -8,6 +8,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
+  --acceptance         report_draft_acceptance_length with an n-gram drafter (every rank
+                       must return the same numbers)
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
 """
@@ -22,6 +24,23 @@ import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
 
+def acceptance(hf_dir: str, rt) -> dict:
+    from post_training.config import ModelConfig, SourceConfig
+    from post_training.hf import load_tokenizer
+    from post_training.model_builder import setup_model
+    from post_training.non_loss_data_func import report_draft_acceptance_length
+    from post_training.speculative import NgramDrafter
+
+    model, tok, _ = setup_model(SourceConfig(pretrained_model_path=hf_dir), ModelConfig(), rt)
+    out = report_draft_acceptance_length(model, load_tokenizer(hf_dir), NgramDrafter(3), osl=8,
+                                         draft_steps=3)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    if any(g != out for g in gathered):
+        raise AssertionError(f"ranks disagree: {gathered}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hf-dir", required=True)
@@ -33,6 +52,7 @@ def main() -> None:
     p.add_argument("--train", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
+    p.add_argument("--acceptance", action="store_true")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     mine: dict = {}
@@ -54,6 +74,8 @@ def main() -> None:
     for spec in a.load:
         name, _, root = spec.partition("=")
         mine[f"load:{name}"] = ckpt.outputs(ckpt.build(rt, load=root), rt)
+    if a.acceptance:
+        mine["acceptance"] = acceptance(a.hf_dir, rt)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if dist.get_rank() == 0:
