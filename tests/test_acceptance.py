@@ -102,7 +102,8 @@ def test_fastchat_hub_rows_and_chat_files_load(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(hub))
     chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]}])
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]},
+        {"conversations": [{"from": "human", "value": "sharegpt"}], "category": "Math"}])
     import datasets
 
     datasets.Dataset.from_list(hub).to_parquet(str(tmp_path / "rows.parquet"))
@@ -114,8 +115,9 @@ def test_fastchat_hub_rows_and_chat_files_load(tmp_path):
         rows = load_mtbench(str(tmp_path / name))
         assert [(p.id, p.category, p.turns) for p in rows] == [("3", "roleplay", ("r1", "r2")),
                                                                ("4", "stem", ("s1",))]
-    (c,) = load_mtbench(chat)
+    c, sg = load_mtbench(chat)
     assert c.turns == ("hi", "more") and c.category == "other"
+    assert sg.turns == ("sharegpt",) and sg.category == "math"
     assert turn_messages(c, ["A1"]) == [{"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": "A1"},
                                         {"role": "user", "content": "more"}]

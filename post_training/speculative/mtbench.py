@@ -45,8 +45,9 @@ def _turns_of(row: dict) -> list | None:
             msgs = row[key]
             if not all(isinstance(m, dict) for m in msgs):
                 return None
-            return [m.get("content") for m in msgs if m.get("role") in ("user", "human")
-                    or m.get("from") in ("user", "human")]
+            # OpenAI-style {role, content} or ShareGPT-style {from, value}
+            return [m.get("content", m.get("value")) for m in msgs
+                    if m.get("role", m.get("from")) in ("user", "human")]
     return None
 
 
