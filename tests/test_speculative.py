@@ -211,3 +211,17 @@ def test_refusals(tiny, tiny_llama, tmp_path):
         check_draft(DraftConfig(draft="model", draft_model_path=str(d2)), tok, hf_config)
     with pytest.raises(UsageError, match=r"draft model: PP=3 must divide the number of layers \(4\)"):
         check_draft(DraftConfig(draft="model", draft_model_path=str(tiny_llama)), tok, hf_config, 1, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["mr_tp2", "mr_pp2"])
+def test_tp2_and_pp2_match_tp1(layout, request, tiny):
+    """At TP=2 and PP=2 (the shared launches): every rank returns the same tokens, and the n-gram
+    and model drafters give exactly TP=1's plain greedy output."""
+    ranks = request.getfixturevalue(layout)["spec"]["ranks"]
+    assert all(r == ranks[0] for r in ranks[1:])
+    res = ranks[0]
+    ref = generate(tiny[0], res["prompt"], GenerateConfig(max_new_tokens=24))
+    assert res["plain"] == res["ngram"]["tokens"] == res["model"]["tokens"] == ref
+    assert sum(res["ngram"]["accepted"]) > 0 and sum(res["model"]["accepted"]) >= 3 * len(res["model"]["accepted"]) - 2
+    assert len(res["sampled"]) == 16
