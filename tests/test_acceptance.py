@@ -247,7 +247,7 @@ def test_scripts_bad_input_is_one_line(tiny_llama):
     _one_error_line(run_script("validate.sh", "--categories", "math,poetry", env=env), "unknown category poetry")
 
 
-@pytest.mark.parametrize("case", ["file", "draft", "turns"])
+@pytest.mark.parametrize("case", ["file", "draft", "eagle", "turns"])
 def test_preflight_rejects(case, tiny_llama, tmp_path):
     from post_training.cli.acceptance import main
 
@@ -258,6 +258,8 @@ def test_preflight_rejects(case, tiny_llama, tmp_path):
         args, needle = [*args, "--mtbench-path", str(bad)], "line 2 is not valid JSON"
     elif case == "draft":
         args, needle = [*args, "--draft", "none"], "acceptance needs a drafter"
+    elif case == "eagle":
+        args, needle = [*args, "--draft", "eagle"], "needs a trained draft head"
     else:  # two turns: both answers count against the sequence length
         args, needle = [*args, "--turns", "2", "--osl", "120", "--seq-length", "300"], "2 x --osl 120"
     with pytest.raises(UsageError, match=needle.replace("+", r"\+")):

@@ -42,12 +42,16 @@ def main(argv: list[str]) -> int:
                            description="acceptance length of a drafter on MT-Bench-style prompts")
     if args.draft.draft == "none":
         raise UsageError("acceptance needs a drafter: --draft ngram or --draft model")
-    if args.draft.draft in ("eagle", "medusa"):
-        raise UsageError(f"--draft {args.draft.draft} is not available yet: use --draft ngram or --draft model")
     hf.check_source(args.source, args.runtime)
     hf_dir = hf.source_hf_dir(args.source)
     tok = hf.load_tokenizer(hf_dir)
     prompts = _prepare(args, tok)
+    # A drafter that needs training, or a draft model of another tokenizer / layout: refused
+    # before any rank loads a model.
+    from post_training.speculative.drafters import check_draft
+
+    target_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    check_draft(args.draft, tok, target_cfg, args.runtime.tp, args.runtime.pp)
     if args.preflight:
         return 0
     from post_training.generate import stop_token_ids

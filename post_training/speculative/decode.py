@@ -27,7 +27,24 @@ from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
 
-__all__ = ["SpecStats", "speculative_generate", "verify"]
+__all__ = ["SpecStats", "speculative_generate", "verify", "check_model"]
+
+
+def check_model(model) -> None:
+    """Refuse a model whose multi-token verify against the KV cache is not known to be right.
+    The toolkit's SDPA attention masks a k-token chunk after a cached prefix bottom-right
+    aligned (tests/test_kv_cache.py); other core attentions (Transformer Engine's, megatron's
+    local one) were not checked for it: megatron's own static context gave wrong logits for a
+    3-token chunk in a probe (docs: GUIDE), so speculative decoding would silently stop being
+    lossless."""
+    from post_training.attention import SDPAttention
+
+    layers = getattr(getattr(model, "decoder", None), "layers", [])
+    bad = {type(l.self_attention.core_attention).__name__ for l in layers
+           if not isinstance(l.self_attention.core_attention, SDPAttention)}
+    if bad:
+        raise UsageError(f"speculative decoding needs the local layer spec's SDPA attention (got "
+                         f"{', '.join(sorted(bad))}): run with --transformer-impl local")
 
 
 @dataclass
@@ -104,6 +121,7 @@ def speculative_generate(model, prompt_ids: list[int], drafter, gcfg: GenerateCo
         raise UsageError(f"--draft-steps must be >= 1 (got {draft_steps})")
     if not prompt_ids:
         raise UsageError("speculative generation needs a non-empty prompt")
+    check_model(model)
     t_start = time.perf_counter()
     device = next(model.parameters()).device
     budget = gcfg.max_new_tokens

@@ -8,7 +8,9 @@ and its greedy token comes from the last stage by the same broadcast generation 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -16,7 +18,7 @@ import torch
 from post_training.config import DraftConfig
 from post_training.utils import UsageError
 
-__all__ = ["Drafter", "NgramDrafter", "ModelDrafter", "build_drafter", "check_same_tokenizer"]
+__all__ = ["Drafter", "NgramDrafter", "ModelDrafter", "build_drafter", "check_draft", "check_same_tokenizer"]
 
 
 @runtime_checkable
@@ -60,11 +62,19 @@ class NgramDrafter:
         for n in range(min(self.n, L - 1), self.min_n - 1, -1):
             suffix = context[L - n:]
             first = suffix[0]
-            # Latest match first: recent text predicts the continuation better than the prompt's
-            # start. The match must end before the suffix itself so something follows it.
+            # Latest match first (recent text predicts the continuation better than the prompt's
+            # start), but one followed by k tokens: in a repetition ("a a a a") the latest match
+            # ends right before the suffix and would propose a single token.
+            best: list[int] = []
             for start in range(L - n - 1, -1, -1):
                 if context[start] == first and context[start:start + n] == suffix:
-                    return context[start + n:start + n + k]
+                    follow = context[start + n:start + n + k]
+                    if len(follow) == k:
+                        return follow
+                    if len(follow) > len(best):
+                        best = follow
+            if best:
+                return best
         return []
 
     def accept(self, n_accepted: int, context: list[int]) -> None:
@@ -116,8 +126,6 @@ class ModelDrafter:
     def propose(self, context: list[int], k: int) -> list[int]:
         if k <= 0 or not context:
             return []
-        from post_training.runtime import cpu_compat
-
         if self.cache is None or len(context) + k > self.cache.capacity:
             if len(context) + k > getattr(self.model, "max_sequence_length", 1 << 62):
                 return []  # beyond the draft's positions: let the target go alone
@@ -130,13 +138,10 @@ class ModelDrafter:
         common = min(common, len(context) - 1)  # feed at least one token to get logits
         self.cache.truncate(common)
         del self.cached[common:]
-        out: list[int] = []
-        with cpu_compat.device_mode_suspended():
-            nxt = self._step(context[common:])
-            out.append(nxt)
-            while len(out) < k:
-                nxt = self._step([nxt])
-                out.append(nxt)
+        # Runs inside speculative_generate's device-mode suspension (the mode is not re-entrant).
+        out = [self._step(context[common:])]
+        while len(out) < k:
+            out.append(self._step([out[-1]]))
         return out
 
     def accept(self, n_accepted: int, context: list[int]) -> None:
@@ -160,32 +165,55 @@ def check_same_tokenizer(draft_tok, target_tok, draft_vocab: int | None = None,
                          f"({target_vocab}): a draft model must share the target's vocabulary")
 
 
-def build_drafter(cfg: DraftConfig, target_tokenizer, target_hf_config: Any = None, rt=None,
-                  mcfg=None) -> Drafter | None:
-    """The drafter ``cfg`` names (None for ``--draft none``). The model drafter is built at the
-    runtime's TP/PP (``rt``) with the target's model settings (``mcfg``: dtype, seq length)."""
-    if cfg.draft == "none":
-        return None
-    if cfg.draft == "ngram":
-        return NgramDrafter(cfg.ngram_size)
+def check_draft(cfg: DraftConfig, target_tok, target_hf_config: Any, tp: int = 1, pp: int = 1) -> None:
+    """What can be refused before any model loads (``--preflight`` runs it): a drafter that
+    needs training first, a draft model of another tokenizer or vocabulary, or one the
+    runtime's TP/PP cannot split (the draft runs at the target's layout)."""
     if cfg.draft in ("eagle", "medusa"):
         raise UsageError(f"--draft {cfg.draft} needs a trained draft head (scripts/eagle3.sh); "
                          "use --draft ngram or --draft model for now")
-    # --draft model: check the tokenizer before building anything.
+    if cfg.draft != "model":
+        return
     from post_training import hf
+
+    draft_dir = draft_hf_dir(cfg)
+    draft_hf = json.loads((draft_dir / "config.json").read_text())
+    target_vocab = (target_hf_config.get("vocab_size") if isinstance(target_hf_config, dict)
+                    else getattr(target_hf_config, "vocab_size", None))
+    check_same_tokenizer(hf.load_tokenizer(draft_dir), target_tok, draft_hf.get("vocab_size"), target_vocab)
+    try:
+        hf.check_parallel(SimpleNamespace(**draft_hf), tp, pp)
+    except UsageError as e:
+        raise UsageError(f"draft model: {e} (it runs at the target's TP/PP)") from None
+
+
+def draft_hf_dir(cfg: DraftConfig) -> Path:
+    """The draft's HF directory (config + tokenizer): --draft-model-path, or the HF files a
+    --draft-load checkpoint carries (or that directory itself when it is an HF model)."""
+    from post_training import hf
+
+    return Path(hf.source_hf_dir(_draft_source(cfg)))
+
+
+def _draft_source(cfg: DraftConfig):
     from post_training.config import SourceConfig
 
-    src = SourceConfig(pretrained_model_path=cfg.draft_model_path, load=cfg.draft_load)
-    hf_dir = Path(hf.source_hf_dir(src))
-    from transformers import AutoConfig
+    return SourceConfig(pretrained_model_path=cfg.draft_model_path, load=cfg.draft_load)
 
-    draft_hf = AutoConfig.from_pretrained(hf_dir)
-    check_same_tokenizer(hf.load_tokenizer(hf_dir), target_tokenizer, draft_hf.vocab_size,
-                         getattr(target_hf_config, "vocab_size", None))
+
+def build_drafter(cfg: DraftConfig, target_tokenizer, target_hf_config: Any = None, rt=None,
+                  mcfg=None) -> Drafter | None:
+    """The drafter ``cfg`` names (None for ``--draft none``). The model drafter is built at the
+    runtime's TP/PP (``rt``, every rank holds its shard and runs every draft step) with the
+    target's model settings (``mcfg``: dtype, seq length)."""
+    if cfg.draft == "none":
+        return None
+    check_draft(cfg, target_tokenizer, target_hf_config, *((rt.tp, rt.pp) if rt is not None else (1, 1)))
+    if cfg.draft == "ngram":
+        return NgramDrafter(cfg.ngram_size)
     if rt is None or mcfg is None:
         raise ValueError("--draft model needs the runtime and the model config to build the draft")
-    hf.check_parallel(draft_hf, rt.tp, rt.pp)
     from post_training.model_builder import setup_model
 
-    model, _, _ = setup_model(src, mcfg, rt, hf_dir=hf_dir)
+    model, _, _ = setup_model(_draft_source(cfg), mcfg, rt, hf_dir=draft_hf_dir(cfg))
     return ModelDrafter(model)

@@ -5,6 +5,7 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --forward            logits + greedy tokens of the chat prompt (forward.py), with --kv the
                        KV-cache checks in both key formats
   --train              4 training steps on a fixed batch (train.py)
+  --spec               speculative generation: plain, n-gram, model drafter, sampled (spec.py)
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 import ckpt
 import forward
+import spec
 import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
@@ -50,6 +52,7 @@ def main() -> None:
     p.add_argument("--forward", action="store_true")
     p.add_argument("--kv", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--spec", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
     p.add_argument("--acceptance", action="store_true")
@@ -65,14 +68,16 @@ def main() -> None:
         if any(g != out for g in gathered):
             raise AssertionError(f"ranks disagree: {gathered}")
         mine["train"] = out
-    for spec in a.save:
-        name, _, target = spec.partition("=")
+    if a.spec:
+        mine["spec"] = spec.run(a.hf_dir, rt)
+    for item in a.save:
+        name, _, target = item.partition("=")
         root, _, quant = target.partition(":")
         model = ckpt.build(rt, a.hf_dir, quantize=quant or None)
         ckpt.save(model, rt, root, 10, a.hf_dir)
         mine[f"save:{name}"] = ckpt.outputs(model, rt)
-    for spec in a.load:
-        name, _, root = spec.partition("=")
+    for item in a.load:
+        name, _, root = item.partition("=")
         mine[f"load:{name}"] = ckpt.outputs(ckpt.build(rt, load=root), rt)
     if a.acceptance:
         mine["acceptance"] = acceptance(a.hf_dir, rt)
