@@ -15,13 +15,12 @@ from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
 
-__all__ = ["generate", "sample", "stop_token_ids"]
+__all__ = ["generate", "sample", "sampling_probs", "stop_token_ids"]
 
 
-def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """logits [b, V] -> token ids [b]. Greedy at temperature 0, else top-k / top-p sampling."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
+    """logits [..., V] -> the distribution sampling draws from: temperature, then top-k, then
+    top-p (fp32). Speculative sampling verifies drafts against exactly this distribution."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k > 0:
         kth = torch.topk(logits, min(cfg.top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -32,8 +31,14 @@ def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | Non
         drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [b, V] -> token ids [b]. Greedy at temperature 0, else top-k / top-p sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, cfg), 1, generator=gen).squeeze(-1)
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ from dist_utils import ROOT, clean_env
 from post_training import arguments, config
 from post_training.utils import UsageError
 
-ENTRIES = ("convert", "evaluate", "export", "generate", "train", "quantize")  # quantize last (see below)
+ENTRIES = ("acceptance", "convert", "evaluate", "export", "generate", "train", "quantize")  # quantize last (see below)
 
 
 def test_each_flag_and_field_is_defined_once():

@@ -12,6 +12,9 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --load NAME=DIR      load DIR at this layout and record logits / amax
   --distill TEACHER    3 distillation steps toward TEACHER with --kd-cfg (distill.py)
   --distill-dp         last: the same at TP=1 PP=1 over all ranks (DP = world size)
+  --spec               speculative generation: plain, n-gram, model drafter, sampled (spec.py)
+  --acceptance         report_draft_acceptance_length with an n-gram drafter (every rank
+                       must return the same numbers)
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
 """
@@ -25,8 +28,26 @@ import ckpt
 import distill
 import forward
 import loop
+import spec
 import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
+
+
+def acceptance(hf_dir: str, rt) -> dict:
+    from post_training.config import ModelConfig, SourceConfig
+    from post_training.hf import load_tokenizer
+    from post_training.model_builder import setup_model
+    from post_training.non_loss_data_func import report_draft_acceptance_length
+    from post_training.speculative import NgramDrafter
+
+    model, tok, _ = setup_model(SourceConfig(pretrained_model_path=hf_dir), ModelConfig(), rt)
+    out = report_draft_acceptance_length(model, load_tokenizer(hf_dir), NgramDrafter(3), osl=8,
+                                         draft_steps=3)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    if any(g != out for g in gathered):
+        raise AssertionError(f"ranks disagree: {gathered}")
+    return out
 
 
 def main() -> None:
@@ -45,6 +66,8 @@ def main() -> None:
     p.add_argument("--distill")
     p.add_argument("--kd-cfg")
     p.add_argument("--distill-dp", action="store_true")
+    p.add_argument("--spec", action="store_true")
+    p.add_argument("--acceptance", action="store_true")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     mine: dict = {}
@@ -59,15 +82,19 @@ def main() -> None:
         mine["train"] = out
     if a.loop:
         mine["loop"] = loop.run(a.hf_dir, rt, iters=6, eval_interval=3)  # same on every rank
-    for spec in a.save:
-        name, _, target = spec.partition("=")
+    if a.spec:
+        mine["spec"] = spec.run(a.hf_dir, rt)
+    for item in a.save:
+        name, _, target = item.partition("=")
         root, _, quant = target.partition(":")
         model = ckpt.build(rt, a.hf_dir, quantize=quant or None)
         ckpt.save(model, rt, root, 10, a.hf_dir)
         mine[f"save:{name}"] = ckpt.outputs(model, rt)
-    for spec in a.load:
-        name, _, root = spec.partition("=")
+    for item in a.load:
+        name, _, root = item.partition("=")
         mine[f"load:{name}"] = ckpt.outputs(ckpt.build(rt, load=root), rt)
+    if a.acceptance:
+        mine["acceptance"] = acceptance(a.hf_dir, rt)
     if a.distill:
         mine["distill"] = _distill(a, rt)
     if a.distill_dp:  # changes the layout: keep it last
