@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from post_training.utils import UsageError
@@ -137,3 +138,32 @@ def pruned_hf_config(model_config) -> dict[str, Any]:
     out = {HF_NAMES[k]: v for k, v in _sizes(model_config).items()}
     out["head_dim"] = int(model_config.kv_channels)
     return out
+
+
+def save_pruned(model, rt, save_dir: str | Path, hf_dir: Path, *, model_conf: str,
+                keep_last: int | None = None) -> Path:
+    """Save the pruned model as a normal checkpoint. Its ``hf_config/`` (config + tokenizer of
+    ``hf_dir``, the pruned sizes stated) is written first, and save_checkpoint keeps an existing
+    one: there is no moment with pruned weights beside the old shapes. Collective."""
+    import torch.distributed as dist
+
+    from post_training.checkpointing import save_checkpoint
+    from post_training.io import layout as cio
+    from post_training.io.atomic import staged_dir
+    from post_training.io.hf_files import copy_aux_files, update_config
+    from post_training.utils import rank
+
+    root = Path(save_dir)
+    dest = root / cio.HF_CONFIG_DIR
+    if rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if dest.resolve() != Path(hf_dir).resolve():
+            with staged_dir(dest, overwrite=True, what="hf_config dir") as tmp:
+                copy_aux_files(Path(hf_dir), tmp)
+                update_config(tmp, None, **pruned_hf_config(model.config))
+        else:  # a checkpoint pruned again into itself: its own config gets the new sizes
+            update_config(dest, None, **pruned_hf_config(model.config))
+    if dist.is_initialized():
+        dist.barrier()
+    return save_checkpoint(model, rt, root, None, hf_dir=dest, model_conf=model_conf,
+                           keep_last=keep_last)

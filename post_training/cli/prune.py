@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     from post_training.evaluation.perplexity import perplexity
     from post_training.inference import stage_forward
     from post_training.model_builder import setup_model
-    from post_training.pruning import prune_model
+    from post_training.pruning import prune_model, save_pruned
     from post_training.quantization.calibration import calibration_samples, forward_loop
     from post_training.runtime import init_runtime
 
@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
     res = prune_model(model, export_config, loop)
     res.ppl_before = ppl_before
     res.ppl_after = perplexity(model, windows, progress=rank() == 0).perplexity if windows else None
-    saved = save_pruned(model, rt, args, Path(hf_config.name_or_path))
+    saved = save_pruned(model, rt, args.save.save, Path(hf_config.name_or_path),
+                        model_conf=args.source.model_conf, keep_last=args.save.keep_last)
     print_rank_0("\n".join(_report(args, res, len(samples), args.save.save, time.perf_counter() - t_start)))
     if args.report.json_out and rank() == 0:
         Path(args.report.json_out).write_text(json.dumps({
@@ -127,32 +128,6 @@ def main(argv: list[str]) -> int:
             "checkpoint": str(saved),
         }, indent=1))
     return 0
-
-
-def save_pruned(model, rt, args, hf_dir: Path) -> Path:
-    """The pruned checkpoint, its hf_config/ written first with the pruned sizes (save_checkpoint
-    keeps an existing hf_config/), so no moment has pruned weights beside the old shapes."""
-    import torch.distributed as dist
-
-    from post_training.checkpointing import save_checkpoint
-    from post_training.io.atomic import staged_dir
-    from post_training.io.hf_files import copy_aux_files, update_config
-    from post_training.pruning import pruned_hf_config
-
-    root = Path(args.save.save)
-    if rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        dest = root / cio.HF_CONFIG_DIR
-        if dest.resolve() != hf_dir.resolve():
-            with staged_dir(dest, overwrite=True) as tmp:
-                copy_aux_files(hf_dir, tmp)
-                update_config(tmp, None, **pruned_hf_config(model.config))
-        else:  # re-pruning a checkpoint into itself: its own config gets the new sizes
-            update_config(dest, None, **pruned_hf_config(model.config))
-    if dist.is_initialized():
-        dist.barrier()
-    return save_checkpoint(model, rt, root, None, hf_dir=root / cio.HF_CONFIG_DIR,
-                           model_conf=args.source.model_conf, keep_last=args.save.keep_last)
 
 
 def cli_main() -> None:

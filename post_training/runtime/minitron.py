@@ -325,12 +325,11 @@ PATCHES = [
         covers="modelopt.torch.prune.prune(mode='mcore_minitron') from post_training.pruning",
         depends={"megatron.core.models.mamba.mamba_model:MambaModel": None,
                  "modelopt.torch.prune.pruning:prune":
-                     "(model: torch.nn.modules.module.Module, mode: Union[str, "
-                     "modelopt.torch.opt.mode.ModeDescriptor, list[str | "
-                     "modelopt.torch.opt.mode.ModeDescriptor], list[tuple[str, dict[str, Any]]]], "
-                     "constraints: dict[str, str | float | dict | None], dummy_input: Any | tuple, "
-                     "config: dict[str, typing.Any] | None = None) -> tuple[torch.nn.modules.module"
-                     ".Module, dict[str, typing.Any]]"},
+                     "(model: torch.nn.modules.module.Module, mode: modelopt.torch.opt.mode."
+                     "ModeDescriptor | str | list[modelopt.torch.opt.mode.ModeDescriptor | str] | "
+                     "list[tuple[str, dict[str, typing.Any]]], constraints: dict[str, str | float | "
+                     "dict | None], dummy_input: typing.Any | tuple, config: dict[str, typing.Any] | "
+                     "None = None) -> tuple[torch.nn.modules.module.Module, dict[str, typing.Any]]"},
         group="minitron"),
     Patch(
         "minitron_local_spec",
