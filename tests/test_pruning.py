@@ -138,23 +138,26 @@ BAD = {
     "groups": ('{"num_query_groups": 1}', "does not prune KV heads"),
     "unknown": ('{"num_experts": 2}', "unknown key num_experts"),
     "wider": ('{"ffn_hidden_size": 256}', "ffn_hidden_size=256 is larger than the model's ffn_hidden_size (128)"),
+    # the embedded default model, known from its conf before anything loads
+    "embedded": ('{"num_layers": 40}', "num_layers=40 is larger than the model's num_layers (30)"),
+    "no save": ('{"num_layers": 2}', "prune.sh needs --save"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_targets_fail_in_preflight(case, tiny_llama, tmp_path):
+def test_bad_input_fails_in_preflight(case, tiny_llama, tmp_path):
     from post_training.cli.prune import main
 
     target, needle = BAD[case]
+    source = [] if case == "embedded" else ["--pretrained-model-path", str(tiny_llama)]
+    save = [] if case == "no save" else ["--save", str(tmp_path)]
     with pytest.raises(UsageError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        main(["--preflight", "--pretrained-model-path", str(tiny_llama), "--save", str(tmp_path),
-              "--prune-export-config", target])
+        main(["--preflight", *source, *save, "--prune-export-config", target])
 
 
 def test_prune_script_end_to_end_and_one_line_errors(tiny_llama, tmp_path):
     """prune.sh writes a checkpoint that states the pruned architecture and reports the layers,
-    parameters and perplexity; TP=2, a missing --save and a deeper-than-the-model target on the
-    embedded 30-layer model are one error line each, exit 2."""
+    parameters and perplexity; TP=2 is one error line, exit 2, before any rank starts."""
     save, out = tmp_path / "ckpt", tmp_path / "report.json"
     res = run_script("prune.sh", "--prune-export-config", '{"num_layers": 2}', "--calib-size", "2",
                      "--calib-seq-length", "32", "--prune-ppl-windows", "1", "--json-out", str(out),
@@ -165,11 +168,7 @@ def test_prune_script_end_to_end_and_one_line_errors(tiny_llama, tmp_path):
     assert report["params_after"] < report["params_before"] and report["perplexity_after"] > 0
     assert "layers dropped (2)" in res.stdout and "| num_layers | 4 | 2 |" in res.stdout
     assert json.loads((save / "hf_config" / "config.json").read_text())["num_hidden_layers"] == 2
-    for env, args, needle in (
-        (dict(TP="2"), [], "pruning runs at TP=1"),
-        ({}, [], "prune.sh needs --save"),
-        (dict(MLM_MODEL_SAVE=str(tmp_path / "x")), [], "num_layers=40 is larger than the model's num_layers (30)"),
-    ):
-        res = run_script("prune.sh", "--prune-export-config", '{"num_layers": 40}', *args, env=clean_env(**env))
-        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        assert res.returncode == 2 and lines[-1].startswith("error: ") and needle in lines[-1], res.stderr[-2000:]
+    res = run_script("prune.sh", "--prune-export-config", '{"num_layers": 2}',
+                     env=clean_env(TP="2", MLM_MODEL_SAVE=str(tmp_path / "x")))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and lines[-1].startswith("error: pruning runs at TP=1"), res.stderr[-2000:]
