@@ -60,13 +60,15 @@ def _modelopt_version() -> str:
 
 
 def param_count(model) -> int:
-    """Parameters of the whole model (every pipeline stage; tied embeddings counted once per
-    stage that holds them, as Megatron-LM's prune.py reports). Collective."""
+    """Parameters of the whole model, every pipeline stage, tied embeddings once. Collective."""
     from post_training.runtime.collectives import gather_objects
     from post_training.runtime import get_runtime
 
     rt = get_runtime()
-    mine = sum(p.numel() for p in model.parameters())
+    # a later stage's copy of tied embeddings is the first stage's weight again
+    copy = "output_layer.weight" if (getattr(model, "share_embeddings_and_output_weights", False)
+                                     and not rt.is_first_stage) else None
+    mine = sum(p.numel() for n, p in model.named_parameters() if n != copy)
     parts = gather_objects((rt.tp_rank, rt.dp_rank, mine))
     return sum(n for tp, dp, n in parts if tp == 0 and dp == 0)
 

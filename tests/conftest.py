@@ -118,10 +118,11 @@ def mr_tp2(tiny_llama, mr_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def mr_pp2(tiny_llama, mr_dir, mr_tp2) -> dict:
-    """PP=2: forward, 4 training steps, a checkpoint saved at PP=2 ("pp2"), and the TP=2
-    checkpoint loaded at TP=1 PP=2 ("load:tp2")."""
+    """PP=2: forward, 4 training steps, a checkpoint saved at PP=2 ("pp2"), the TP=2
+    checkpoint loaded at TP=1 PP=2 ("load:tp2"), and depth pruning 4 -> 2 saved ("prune")."""
     return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train",
-                  "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}")
+                  "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}",
+                  "--prune", str(mr_dir / "pruned-pp2"))
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,14 @@ def _loop(tok):
     return forward_loop(samples, lambda m, t: stage_forward(m, t, None), progress=False)
 
 
+def _ids_logits(model):
+    from post_training.inference import stage_forward
+    from workers.ckpt import IDS  # the input of the workers' logits
+
+    with torch.no_grad():
+        return stage_forward(model, IDS, None).float()
+
+
 def _logits(model):
     from post_training.inference import stage_forward
 
@@ -81,6 +89,22 @@ def test_depth_pruning_matches_transformers_without_the_dropped_layers(runtime, 
     assert back.config.num_hidden_layers == 2
     with torch.no_grad():
         torch.testing.assert_close(back(TOKENS, use_cache=False).logits, expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_pruning_equals_tp1(runtime, tiny_llama, mr_dir, mr_pp2):
+    """Pruning at PP=2 (Megatron-LM prunes at TP=1, PP allowed) ranks the layers as one stage
+    does, drops the same ones (here a whole stage's), and its checkpoint reloads at PP=1."""
+    from post_training.pruning import prune_model
+
+    pp2 = mr_pp2["prune"]
+    model, tok, _ = _setup(runtime, SourceConfig(pretrained_model_path=str(tiny_llama)))
+    res = prune_model(model, {"num_layers": 2}, _loop(tok))
+    assert pp2["dropped"] == res.dropped and pp2["params"] == res.params_after
+    assert pp2["layer_scores"] == pytest.approx(res.layer_scores, rel=1e-4)
+    loaded, _, _ = _setup(runtime, SourceConfig(load=str(mr_dir / "pruned-pp2")))
+    torch.testing.assert_close(_ids_logits(loaded), pp2["logits"].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_ids_logits(model), pp2["logits"].float(), atol=1e-4, rtol=1e-4)
 
 
 def _kept_columns(new: torch.Tensor, old: torch.Tensor, block: int = 1) -> list[int]:

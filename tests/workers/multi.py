@@ -8,6 +8,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
+  --prune DIR          Minitron depth pruning 4 -> 2 layers on the built-in calibration text
+                       (4 x 64 tokens), saved to DIR; records layer scores, dropped layers, logits
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
 """
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--train", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
+    p.add_argument("--prune")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     mine: dict = {}
@@ -54,6 +57,8 @@ def main() -> None:
     for spec in a.load:
         name, _, root = spec.partition("=")
         mine[f"load:{name}"] = ckpt.outputs(ckpt.build(rt, load=root), rt)
+    if a.prune:
+        mine["prune"] = prune(rt, a.hf_dir, a.prune)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     if dist.get_rank() == 0:
@@ -62,6 +67,27 @@ def main() -> None:
             merged.update({k: v for k, v in part.items() if v is not None and k not in merged})
         torch.save(merged, a.out)
     destroy_runtime()
+
+
+def prune(rt, hf_dir: str, root: str) -> dict | None:
+    from pathlib import Path
+
+    from post_training.config import CalibConfig
+    from post_training.hf import load_tokenizer
+    from post_training.inference import stage_forward
+    from post_training.pruning import prune_model, save_pruned
+    from post_training.quantization.calibration import calibration_samples, forward_loop
+
+    model = ckpt.build(rt, hf_dir)
+    samples = calibration_samples(CalibConfig(calib_size=4, calib_seq_length=64), load_tokenizer(hf_dir))
+    res = prune_model(model, {"num_layers": 2},
+                      forward_loop(samples, lambda m, t: stage_forward(m, t, None), progress=False))
+    save_pruned(model, rt, root, Path(hf_dir), model_conf="test")
+    out = ckpt.outputs(model, rt)
+    if out is None:
+        return None
+    return {"logits": out["logits"], "layer_scores": res.layer_scores, "dropped": res.dropped,
+            "params": res.params_after}
 
 
 if __name__ == "__main__":
