@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from post_training.runtime.dist import have_te
 from post_training.runtime.patches import ON_DEMAND, AttrSwap, Patch, swaps
 
 _NAS = "modelopt.torch.nas.plugins.megatron"
@@ -39,12 +40,6 @@ _MTE = "megatron.core.extensions.transformer_engine"
 _TE_NAMES = ("TEColumnParallelGroupedLinear", "TEColumnParallelLinear", "TEDotProductAttention",
              "TELayerNormColumnParallelLinear", "TELinear", "TERowParallelGroupedLinear",
              "TERowParallelLinear")
-
-
-def have_te() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 @contextlib.contextmanager
