@@ -10,6 +10,7 @@ the ModelOpt state afterwards: the pruned model is an ordinary, smaller model.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,19 +135,22 @@ def prune_model(model, export_config: dict[str, int], loop: Callable[[Any], None
                        layer_scores=scores, dropped=dropped, seconds=seconds)
 
 
-def pruned_hf_config(model_config) -> dict[str, Any]:
+def pruned_hf_config(model_config, before: dict[str, int]) -> dict[str, Any]:
     """config.json changes that describe the pruned model to every loader (model_builder, HF
-    export, transformers). head_dim is explicit: hidden_size / heads no longer gives it."""
-    out = {HF_NAMES[k]: v for k, v in _sizes(model_config).items()}
+    export, transformers). head_dim is explicit: hidden_size / heads no longer gives it.
+    ``pruned_from`` keeps the sizes before (HF names), so a model conf still recognises it."""
+    out: dict[str, Any] = {HF_NAMES[k]: v for k, v in _sizes(model_config).items()}
     out["head_dim"] = int(model_config.kv_channels)
+    out["pruned_from"] = {HF_NAMES[k]: v for k, v in before.items() if v != out[HF_NAMES[k]]}
     return out
 
 
-def save_pruned(model, rt, save_dir: str | Path, hf_dir: Path, *, model_conf: str,
-                keep_last: int | None = None) -> Path:
+def save_pruned(model, rt, save_dir: str | Path, hf_dir: Path, before: dict[str, int], *,
+                model_conf: str, keep_last: int | None = None) -> Path:
     """Save the pruned model as a normal checkpoint. Its ``hf_config/`` (config + tokenizer of
     ``hf_dir``, the pruned sizes stated) is written first, and save_checkpoint keeps an existing
-    one: there is no moment with pruned weights beside the old shapes. Collective."""
+    one: there is no moment with pruned weights beside the old shapes. ``before``: the sizes
+    before pruning (:attr:`PruneResult.before`; an earlier ``pruned_from`` is kept). Collective."""
     import torch.distributed as dist
 
     from post_training.checkpointing import save_checkpoint
@@ -159,12 +163,15 @@ def save_pruned(model, rt, save_dir: str | Path, hf_dir: Path, *, model_conf: st
     dest = root / cio.HF_CONFIG_DIR
     if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
+        source = json.loads((Path(hf_dir) / "config.json").read_text())
+        changes = pruned_hf_config(model.config, before)
+        changes["pruned_from"] = {**changes["pruned_from"], **source.get("pruned_from", {})}
         if dest.resolve() != Path(hf_dir).resolve():
             with staged_dir(dest, overwrite=True, what="hf_config dir") as tmp:
                 copy_aux_files(Path(hf_dir), tmp)
-                update_config(tmp, None, **pruned_hf_config(model.config))
+                update_config(tmp, None, **changes)
         else:  # a checkpoint pruned again into itself: its own config gets the new sizes
-            update_config(dest, None, **pruned_hf_config(model.config))
+            update_config(dest, None, **changes)
     if dist.is_initialized():
         dist.barrier()
     return save_checkpoint(model, rt, root, None, hf_dir=dest, model_conf=model_conf,

@@ -74,10 +74,14 @@ def test_depth_pruning_matches_transformers_without_the_dropped_layers(runtime, 
     torch.testing.assert_close(pruned, expected, atol=2e-4, rtol=1e-4)
 
     save = tmp_path / "pruned"
-    save_pruned(model, runtime, save, tiny_llama, model_conf="test")
+    save_pruned(model, runtime, save, tiny_llama, res.before, model_conf="test")
     cfg = json.loads((save / "hf_config" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and cfg["head_dim"] == 16
-    loaded, tok2, _ = _setup(runtime, SourceConfig(load=str(save)))
+    assert cfg["pruned_from"] == {"num_hidden_layers": 4}
+    # a model conf of the unpruned model still accepts it (its expectations are the sizes before)
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text("hf_model_id: test/tiny\nexpect: {num_hidden_layers: 4, hidden_size: 64}\n")
+    loaded, tok2, _ = _setup(runtime, SourceConfig(model_conf=str(conf), load=str(save)))
     torch.testing.assert_close(_logits(loaded), pruned)
     windows = [TOKENS[0].tolist()]
     assert perplexity(loaded, windows).nll_sum == pytest.approx(perplexity(model, windows).nll_sum)
@@ -151,7 +155,7 @@ def test_width_pruning_keeps_the_ranked_channels_and_heads(runtime, tiny_llama, 
     res = prune_model(ref, check_targets({"hidden_size": 48}, hf_config), _loop(tok))
     assert res.after["hidden_size"] == 48 and ref.embedding.word_embeddings.weight.shape == (49152, 48)
     save = tmp_path / "narrow"
-    save_pruned(ref, runtime, save, tiny_llama, model_conf="test")
+    save_pruned(ref, runtime, save, tiny_llama, res.before, model_conf="test")
     loaded, _, _ = _setup(runtime, SourceConfig(load=str(save)))
     torch.testing.assert_close(_logits(loaded), _logits(ref))
 

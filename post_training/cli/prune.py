@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     res = prune_model(model, export_config, loop)
     res.ppl_before = ppl_before
     res.ppl_after = perplexity(model, windows, progress=rank() == 0).perplexity if windows else None
-    saved = save_pruned(model, rt, args.save.save, Path(hf_config.name_or_path),
+    saved = save_pruned(model, rt, args.save.save, Path(hf_config.name_or_path), res.before,
                         model_conf=args.source.model_conf, keep_last=args.save.keep_last)
     print_rank_0("\n".join(_report(args, res, len(samples), args.save.save, time.perf_counter() - t_start)))
     if args.report.json_out and rank() == 0:

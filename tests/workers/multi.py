@@ -82,7 +82,7 @@ def prune(rt, hf_dir: str, root: str) -> dict | None:
     samples = calibration_samples(CalibConfig(calib_size=4, calib_seq_length=64), load_tokenizer(hf_dir))
     res = prune_model(model, {"num_layers": 2},
                       forward_loop(samples, lambda m, t: stage_forward(m, t, None), progress=False))
-    save_pruned(model, rt, root, Path(hf_dir), model_conf="test")
+    save_pruned(model, rt, root, Path(hf_dir), res.before, model_conf="test")
     out = ckpt.outputs(model, rt)
     if out is None:
         return None
