@@ -108,6 +108,11 @@ def prune_model(model, export_config: dict[str, int], loop: Callable[[Any], None
 
     from post_training.runtime import patches
 
+    if mto.ModeloptStateManager.is_converted(model):
+        # the state removed after pruning would take e.g. quantization with it
+        modes = [m for m, _ in mto.modelopt_state(model)["modelopt_state_dict"]]
+        raise UsageError(f"the model carries ModelOpt state ({', '.join(modes)}): prune the "
+                         "plain model, then quantize / distill the pruned one")
     # ModelOpt's Minitron needs these on the local layer spec / without TE / over gloo
     # (post_training/runtime/minitron.py); on demand, so other tasks do not import the plugin.
     patches.apply(*patches.group("minitron"))

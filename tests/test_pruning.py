@@ -159,6 +159,12 @@ def test_width_pruning_keeps_the_ranked_channels_and_heads(runtime, tiny_llama, 
     loaded, _, _ = _setup(runtime, SourceConfig(load=str(save)))
     torch.testing.assert_close(_logits(loaded), _logits(ref))
 
+    import modelopt.torch.quantization as mtq  # pruning would drop a quantized model's state
+
+    mtq.quantize(loaded, mtq.INT8_DEFAULT_CFG, lambda m: _logits(m))
+    with pytest.raises(UsageError, match="carries ModelOpt state"):
+        prune_model(loaded, {"num_layers": 2}, _loop(tok))
+
 
 BAD = {
     "deeper": ('{"num_layers": 40}', "num_layers=40 is larger than the model's num_layers (4)"),
