@@ -203,6 +203,8 @@ GROUPS: dict[str, Group] = {
     "prune": Group(C.PruneConfig, "pruning", (
         Flag("--prune-export-config", "export_config", "json targets: num_layers, hidden_size, "
              "ffn_hidden_size, num_attention_heads, num_query_groups"),
+        Flag("--prune-ppl-windows", "ppl_windows", "512-token windows of the built-in eval text "
+             "scored before and after pruning (0: skip)"),
     )),
     "draft": Group(C.DraftConfig, "speculative decoding", (
         Flag("--draft", "draft", choices=C.DRAFTERS), Flag("--draft-steps", "draft_steps"),

@@ -145,10 +145,11 @@ def mr_tp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml) -> dict:
 def mr_pp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml, mr_tp2) -> dict:
     """PP=2: forward, 4 training steps, 6 loop iterations, a checkpoint saved at PP=2 ("pp2"), the
     TP=2 checkpoint loaded at TP=1 PP=2 ("load:tp2"), 3 distillation steps ("distill"),
-    speculative generation and the n-gram acceptance report."""
+    speculative generation, the n-gram acceptance report, and depth pruning 4 -> 2
+    saved ("prune")."""
     return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train", "--loop", "--spec", "--acceptance",
                   "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}",
-                  *_distill_args(tiny_dirs, kd_yaml))
+                  "--prune", str(mr_dir / "pruned-pp2"), *_distill_args(tiny_dirs, kd_yaml))
 
 
 @pytest.fixture(scope="session")

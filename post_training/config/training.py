@@ -140,8 +140,11 @@ class PruneConfig:
     """Minitron pruning targets (calibration data: CalibConfig)."""
 
     export_config: str = "{}"  # json: {"num_layers": 15, "ffn_hidden_size": 1024, ...}
+    ppl_windows: int = 4  # 512-token windows of the built-in eval text scored before and after
 
     def __post_init__(self) -> None:
+        if self.ppl_windows < 0:
+            raise UsageError(f"--prune-ppl-windows must be >= 0 (got {self.ppl_windows})")
         targets = self.targets
         unknown = sorted(set(targets) - set(PRUNE_KEYS))
         _check([

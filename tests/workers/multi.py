@@ -15,6 +15,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --spec               speculative generation: plain, n-gram, model drafter, sampled (spec.py)
   --acceptance         report_draft_acceptance_length with an n-gram drafter (every rank
                        must return the same numbers)
+  --prune DIR          Minitron depth pruning 4 -> 2 layers on the built-in calibration text
+                       (4 x 64 tokens), saved to DIR; records layer scores, dropped layers, logits
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
 """
@@ -68,6 +70,7 @@ def main() -> None:
     p.add_argument("--distill-dp", action="store_true")
     p.add_argument("--spec", action="store_true")
     p.add_argument("--acceptance", action="store_true")
+    p.add_argument("--prune")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     mine: dict = {}
@@ -93,6 +96,8 @@ def main() -> None:
     for item in a.load:
         name, _, root = item.partition("=")
         mine[f"load:{name}"] = ckpt.outputs(ckpt.build(rt, load=root), rt)
+    if a.prune:
+        mine["prune"] = prune(rt, a.hf_dir, a.prune)
     if a.acceptance:
         mine["acceptance"] = acceptance(a.hf_dir, rt)
     if a.distill:
@@ -120,6 +125,27 @@ def _distill(a, rt) -> dict:
     if any(g != out for g in gathered):
         raise AssertionError(f"ranks disagree: {gathered}")
     return out
+
+
+def prune(rt, hf_dir: str, root: str) -> dict | None:
+    from pathlib import Path
+
+    from post_training.config import CalibConfig
+    from post_training.hf import load_tokenizer
+    from post_training.inference import stage_forward
+    from post_training.pruning import prune_model, save_pruned
+    from post_training.quantization.calibration import calibration_samples, forward_loop
+
+    model = ckpt.build(rt, hf_dir)
+    samples = calibration_samples(CalibConfig(calib_size=4, calib_seq_length=64), load_tokenizer(hf_dir))
+    res = prune_model(model, {"num_layers": 2},
+                      forward_loop(samples, lambda m, t: stage_forward(m, t, None), progress=False))
+    save_pruned(model, rt, root, Path(hf_dir), res.before, model_conf="test")
+    out = ckpt.outputs(model, rt)
+    if out is None:
+        return None
+    return {"logits": out["logits"], "layer_scores": res.layer_scores, "dropped": res.dropped,
+            "params": res.params_after}
 
 
 if __name__ == "__main__":
