@@ -141,6 +141,10 @@ def test_checkpoint_holds_the_student_and_a_resume_reattaches_the_teacher(kd_run
     resumed = kd_worker.run(llama, qwen, runtime, load=str(tmp_path / "ckpt"), steps=1)
     a, b = nxt.losses, resumed["losses"][0]
     assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a), (a, b)
+    # a dist checkpoint as the teacher (architecture from the HF config it recorded): the saved
+    # student taught by itself
+    own = kd_worker.run(llama, str(tmp_path / "ckpt"), runtime, load=str(tmp_path / "ckpt"), steps=1)
+    assert abs(own["losses"][0]["logits distillation loss"]) < 1e-7 and own["losses"][0]["lm loss"] > 1
 
 
 @pytest.fixture(scope="module")
