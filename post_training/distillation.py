@@ -400,17 +400,5 @@ def teacher_summary(model) -> str:
     wbytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     half = any(p.element_size() < 4 for p in teacher.parameters())
     saved = n * (4 + 8 + (4 if half else 0))
-    return (f"{n / 1e6:.2f}M params, {wbytes / 2**20:.1f} MiB, frozen: no grads or optimizer state, "
-            f"{saved / 2**20:.1f} MiB not allocated")
-
-
-def student_of(model):
-    """The student inside a (possibly DDP-wrapped) DistillationModel, for export / generation."""
-    from post_training.utils import unwrap
-
-    m = unwrap(model)
-    if hasattr(m, "teacher_model"):
-        import modelopt.torch.distill as mtd
-
-        return mtd.export(m)
-    return m
+    return (f"{n / 1e6:.2f}M params on this rank, {wbytes / 2**20:.1f} MiB, frozen: no grads or "
+            f"optimizer state, {saved / 2**20:.1f} MiB not allocated")

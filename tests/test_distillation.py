@@ -4,7 +4,6 @@ the teacher stays out of the optimizer and the checkpoint, a resume re-attaches 
 fake-quantized student against its fp teacher, TP/PP/DP reproduce TP=1, bad inputs are one line."""
 from __future__ import annotations
 
-import json
 import shutil
 from types import SimpleNamespace
 
@@ -77,7 +76,9 @@ def kd_run(tiny_dirs, runtime):
 
 def test_self_distillation_is_zero_with_zero_gradient(tiny_llama, runtime, tmp_path):
     """Teacher = the student's own weights: every KD term and its gradient vanish (the LM loss
-    is still reported, without gradient, under skip_lm_loss)."""
+    is still reported, without gradient, under skip_lm_loss). Fails without the
+    kd_student_lm_loss fix: megatron's in-place cross entropy turns the student's captured fp32
+    logits into probabilities."""
     recipe = _yaml(tmp_path, "kd.yaml", "intermediate_layer_pairs: [[decoder.layers.3, decoder.layers.3]]\n")
     out = kd_worker.run(str(tiny_llama), str(tiny_llama), runtime, kd_cfg=recipe, steps=1)
     losses = out["losses"][0]
@@ -140,6 +141,10 @@ def test_checkpoint_holds_the_student_and_a_resume_reattaches_the_teacher(kd_run
     resumed = kd_worker.run(llama, qwen, runtime, load=str(tmp_path / "ckpt"), steps=1)
     a, b = nxt.losses, resumed["losses"][0]
     assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a), (a, b)
+    # a dist checkpoint as the teacher (architecture from the HF config it recorded): the saved
+    # student taught by itself
+    own = kd_worker.run(llama, str(tmp_path / "ckpt"), runtime, load=str(tmp_path / "ckpt"), steps=1)
+    assert abs(own["losses"][0]["logits distillation loss"]) < 1e-7 and own["losses"][0]["lm loss"] > 1
 
 
 @pytest.fixture(scope="module")
