@@ -109,18 +109,18 @@ def _multi(nproc: int, out: Path, hf_dir: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="session")
 def mr_tp2(tiny_llama, mr_dir) -> dict:
-    """TP=2: forward + KV cache, 4 training steps, and checkpoints saved at TP=2: plain ("tp2"),
-    FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache ("int8")."""
-    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train",
+    """TP=2: forward + KV cache, 4 training steps, batched generation, and checkpoints saved at
+    TP=2: plain ("tp2"), FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache ("int8")."""
+    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--batched",
                   "--save", f"tp2={mr_dir / 'tp2'}", "--save", f"fp8={mr_dir / 'fp8'}:fp8",
                   "--save", f"int8={mr_dir / 'int8'}:int8")
 
 
 @pytest.fixture(scope="session")
 def mr_pp2(tiny_llama, mr_dir, mr_tp2) -> dict:
-    """PP=2: forward, 4 training steps, a checkpoint saved at PP=2 ("pp2"), and the TP=2
-    checkpoint loaded at TP=1 PP=2 ("load:tp2")."""
-    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train",
+    """PP=2: forward, 4 training steps, batched generation, a checkpoint saved at PP=2 ("pp2"),
+    and the TP=2 checkpoint loaded at TP=1 PP=2 ("load:tp2")."""
+    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train", "--batched",
                   "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}")
 
 

@@ -5,6 +5,7 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --forward            logits + greedy tokens of the chat prompt (forward.py), with --kv the
                        KV-cache checks in both key formats
   --train              4 training steps on a fixed batch (train.py)
+  --batched            batched greedy generation, prompts of different lengths (batched_gen.py)
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
@@ -16,6 +17,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
+import batched_gen
 import ckpt
 import forward
 import train
@@ -31,6 +33,7 @@ def main() -> None:
     p.add_argument("--forward", action="store_true")
     p.add_argument("--kv", action="store_true")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--batched", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
     a = p.parse_args()
@@ -45,6 +48,8 @@ def main() -> None:
         if any(g != out for g in gathered):
             raise AssertionError(f"ranks disagree: {gathered}")
         mine["train"] = out
+    if a.batched:
+        mine["batched"] = batched_gen.run(a.hf_dir, rt)
     for spec in a.save:
         name, _, target = spec.partition("=")
         root, _, quant = target.partition(":")
