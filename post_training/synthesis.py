@@ -10,7 +10,7 @@ rendered conversation with the generation prompt, with the GenerateConfig settin
 default). Both phases run many conversations at once (:func:`generate_batch`).
 
 Seed topics (optional) are injected as the *beginning of the first user message*
-(:data:`TOPIC_LEAD`, e.g. "About photosynthesis: ..."), and the model continues the message;
+(:data:`TOPIC_LEAD`: "I have a question about <topic>."), and the model continues the message;
 the stored question includes that lead. Later turns are not seeded.
 
 Kept: questions and answers that are not empty, not cut off (questions must end with the
@@ -36,7 +36,9 @@ from post_training.utils import UsageError
 __all__ = ["TOPIC_LEAD", "SynthStats", "Synthesizer", "batched_generator", "end_of_turn_ids",
            "normalize", "problem", "read_topics", "user_turn_prefix"]
 
-TOPIC_LEAD = "About {topic}: "
+# A first-person lead: SmolLM2-135M continues it with a question ("... Can you help me ...?")
+# and ends the turn, where "About <topic>: " drew an encyclopedia answer that never stopped.
+TOPIC_LEAD = "I have a question about {topic}."
 _DUMMY = "\u2063PT-SYNTH-USER\u2063"  # cannot occur in a template
 MAX_ATTEMPTS_PER_CONVERSATION = 4  # stop when the model keeps producing rejects
 

@@ -157,6 +157,28 @@ def test_bad_input_rejected_in_preflight(tiny_llama, tmp_path):
         main(["--preflight", *hf])
 
 
+def test_script_help_and_light_preflight(tiny_llama, tmp_path):
+    """synthesize.sh lists its flags; its python form compiles (torchrun runs it); the preflight
+    imports neither megatron-core nor the model code (it runs before torchrun starts ranks)."""
+    import subprocess
+
+    from dist_utils import PY, ROOT, clean_env, run_script
+
+    path = ROOT / "scripts" / "synthesize.sh"
+    compile(path.read_text(), str(path), "exec")
+    res = run_script("synthesize.sh", "--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for text in ("--num-conversations", "--topics-file", "--question-top-p", "--synth-batch-size",
+                 "--max-new-tokens", "[env TP]", "scripts/synthesize.sh"):
+        assert text in res.stdout, text
+    code = ("import sys; from post_training.cli.synthesize import main; "
+            f"main(['--preflight', '--pretrained-model-path', {str(tiny_llama)!r}, '--output', "
+            f"{str(tmp_path / 'o.jsonl')!r}]); "
+            "print(sorted(m for m in ('megatron', 'modelopt', 'post_training.model_builder') if m in sys.modules))")
+    res = subprocess.run([PY, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == "[]", res.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_synthesize_end_to_end_on_smollm2(smollm2_dir, runtime, tmp_path, capsys):
     """Two turns from seed topics with near-greedy questions (top-p 0.01): the repeated topic
@@ -168,14 +190,14 @@ def test_synthesize_end_to_end_on_smollm2(smollm2_dir, runtime, tmp_path, capsys
     out = tmp_path / "chat.jsonl"
     assert main(["--pretrained-model-path", str(smollm2_dir), "--output", str(out), "--topics-file",
                  str(topics), "--num-conversations", "2", "--num-turns", "2", "--synth-batch-size", "2",
-                 "--question-top-p", "0.01", "--max-question-tokens", "40", "--max-new-tokens", "12"]) == 0
+                 "--question-top-p", "0.01", "--max-question-tokens", "48", "--max-new-tokens", "12"]) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2, printed
     for r in rows:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * 2
         assert all(m["content"].strip() for m in r["messages"])
-    assert rows[0]["messages"][0]["content"].startswith("About growing tomatoes: ")
-    assert rows[1]["messages"][0]["content"].startswith("About the water cycle: ")
+    assert rows[0]["messages"][0]["content"].startswith("I have a question about growing tomatoes. ")
+    assert rows[1]["messages"][0]["content"].startswith("I have a question about the water cycle. ")
     assert "question: duplicate 1" in printed
     assert "sequences/s" in printed and "tokens/s" in printed
