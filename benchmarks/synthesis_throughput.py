@@ -60,14 +60,16 @@ def main() -> None:
                   f"{syn.stats.tokens} tokens", flush=True)
     print("| batch | conversations kept | sequences | tokens | wall s | sequences/s | tokens/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
-    base = None
+
+    def tps(b):
+        return runs[b][0][2].tokens / statistics.median(r[0] for r in runs[b])
+
+    base = tps(min(sizes))  # speed-up against the smallest batch (1 by default)
     for b in sizes:
         wall = statistics.median(r[0] for r in runs[b])
         _, kept, st = runs[b][0]
-        tps = st.tokens / wall
-        base = base or tps
         print(f"| {b} | {kept} | {st.sequences} | {st.tokens} | {wall:.1f} | {st.sequences / wall:.2f} | "
-              f"{tps:.1f} | {tps / base:.2f}x |")
+              f"{tps(b):.1f} | {tps(b) / base:.2f}x |")
 
 
 if __name__ == "__main__":
