@@ -131,11 +131,11 @@ def _multi(nproc: int, out: Path, hf_dir: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="session")
 def mr_tp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml) -> dict:
-    """TP=2: forward + KV cache, 4 training steps, 6 loop iterations, speculative generation,
-    and checkpoints saved at TP=2: plain ("tp2"), FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache
+    """TP=2: forward + KV cache, 4 training steps, 6 loop iterations, speculative and batched
+    generation, and checkpoints saved at TP=2: plain ("tp2"), FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache
     ("int8"); 3 distillation steps ("distill"), then distillation and the loop again at DP=2
     ("distill:dp", "loop:dp")."""
-    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--loop", "--spec",
+    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--loop", "--spec", "--batched",
                   "--save", f"tp2={mr_dir / 'tp2'}", "--save", f"fp8={mr_dir / 'fp8'}:fp8",
                   "--save", f"int8={mr_dir / 'int8'}:int8", *_distill_args(tiny_dirs, kd_yaml),
                   "--distill-dp", "--loop-dp")
@@ -145,9 +145,9 @@ def mr_tp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml) -> dict:
 def mr_pp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml, mr_tp2) -> dict:
     """PP=2: forward, 4 training steps, 6 loop iterations, a checkpoint saved at PP=2 ("pp2"), the
     TP=2 checkpoint loaded at TP=1 PP=2 ("load:tp2"), 3 distillation steps ("distill"),
-    speculative generation, the n-gram acceptance report, and depth pruning 4 -> 2
+    speculative and batched generation, the n-gram acceptance report, and depth pruning 4 -> 2
     saved ("prune")."""
-    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train", "--loop", "--spec", "--acceptance",
+    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train", "--loop", "--spec", "--batched", "--acceptance",
                   "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}",
                   "--prune", str(mr_dir / "pruned-pp2"), *_distill_args(tiny_dirs, kd_yaml))
 

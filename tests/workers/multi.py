@@ -7,6 +7,7 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --train              4 training steps on a fixed batch (train.py)
   --loop               6 iterations of the training loop with evaluation (loop.py)
   --loop-dp            last: the same at TP=1 PP=1 over all ranks (DP = world size)
+  --batched            batched greedy generation, prompts of different lengths (batched_gen.py)
   --save NAME=DIR[:Q]  build from --hf-dir, quantize with Q (fp8 | fp8-kv | int8, ckpt.py),
                        save at iteration 10, and record logits / amax
   --load NAME=DIR      load DIR at this layout and record logits / amax
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+import batched_gen
 import ckpt
 import distill
 import forward
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--train", action="store_true")
     p.add_argument("--loop", action="store_true")
     p.add_argument("--loop-dp", action="store_true")
+    p.add_argument("--batched", action="store_true")
     p.add_argument("--save", action="append", default=[])
     p.add_argument("--load", action="append", default=[])
     p.add_argument("--distill")
@@ -89,6 +92,8 @@ def main() -> None:
         mine["spec"] = spec.run(a.hf_dir, rt)
     for item in a.save:
         name, _, target = item.partition("=")
+    if a.batched:
+        mine["batched"] = batched_gen.run(a.hf_dir, rt)
         root, _, quant = target.partition(":")
         model = ckpt.build(rt, a.hf_dir, quantize=quant or None)
         ckpt.save(model, rt, root, 10, a.hf_dir)
