@@ -79,19 +79,26 @@ def main() -> None:
                  "tokens_per_run": a.steps * a.gbs * a.seq_length}
     t_start = time.perf_counter()
 
-    # 3. synthesis: batch 1 on a few conversations, then the training set batched
+    # 3. synthesis: batch 1 on a few conversations, then the training set batched; the rates are
+    # synthesize.sh's own (generation only, model load excluded)
+    def rate(out: str) -> dict:
+        m = re.search(r"generated (\d+) sequences, (\d+) tokens in ([0-9.]+) s", out)
+        if not m:
+            raise SystemExit("synthesize.sh printed no 'generated ...' line")
+        seqs, toks, secs = int(m[1]), int(m[2]), float(m[3])
+        return {"sequences": seqs, "tokens": toks, "seconds": secs, "seq_per_s": seqs / secs,
+                "tok_per_s": toks / secs}
+
     n1 = max(4, a.synth_batch // 2)
     synth = ["--max-new-tokens", str(a.answer_tokens), "--max-question-tokens", "48"]
-    out1, s1 = run("synthesize.sh", "--output", str(work / "synth_b1.jsonl"), "--num-conversations",
-                   str(n1), "--synth-batch-size", "1", *synth, log=logs / "synth_b1.log")
+    out1, _ = run("synthesize.sh", "--output", str(work / "synth_b1.jsonl"), "--num-conversations",
+                  str(n1), "--synth-batch-size", "1", *synth, log=logs / "synth_b1.log")
     data = Path(a.data) if a.data else work / "synth.jsonl"
     if not a.data:
-        outb, sb = run("synthesize.sh", "--output", str(data), "--num-conversations",
-                       str(a.conversations), "--synth-batch-size", str(a.synth_batch), *synth,
-                       log=logs / "synth.log")
-        res["synthesis"] = {"batch1": {"conversations": n1, "seconds": s1},
-                            "batched": {"batch": a.synth_batch, "conversations": a.conversations,
-                                        "seconds": sb}}
+        outb, _ = run("synthesize.sh", "--output", str(data), "--num-conversations",
+                      str(a.conversations), "--synth-batch-size", str(a.synth_batch), *synth,
+                      log=logs / "synth.log")
+        res["synthesis"] = {"batch1": rate(out1), "batched": {"batch": a.synth_batch, **rate(outb)}}
     kept = sum(1 for _ in data.open())
     res["data"] = {"file": str(data), "conversations": kept}
 
@@ -126,6 +133,8 @@ def main() -> None:
     gap = res["ppl_pruned"] - res["ppl_teacher"]
     res["gap_closed_lm"] = (res["ppl_pruned"] - res["ppl_pruned_lm"]) / gap
     res["gap_closed_kd"] = (res["ppl_pruned"] - res["ppl_pruned_kd"]) / gap
+    res["remaining_gap_lm_over_kd"] = ((res["ppl_pruned_lm"] - res["ppl_teacher"])
+                                       / max(res["ppl_pruned_kd"] - res["ppl_teacher"], 1e-9))
     # 2. INT4-AWQ: PTQ vs QAT vs QAD
     awq = work / "awq"
     run("quantize.sh", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
@@ -159,9 +168,9 @@ def plot(work: Path, res: dict) -> None:
             if not f.exists():
                 continue
             rows = [json.loads(l) for l in f.open() if l.strip()]
-            rows = [r for r in rows if r.get("split", "train") == "train" and "iteration" in r]
+            rows = [r for r in rows if r.get("kind") == "train"]
             for term in ("lm loss", "logits distillation loss"):
-                pts = [(r["iteration"], r[term]) for r in rows if term in r]
+                pts = [(r["iteration"], r["losses"][term]) for r in rows if term in r["losses"]]
                 if pts:
                     ax.plot(*zip(*pts), label=f"{tag}: {term}")
         ax.set_title(title)
@@ -182,17 +191,17 @@ def table(r: dict) -> None:
     print(f"| pruned to 15 layers | {r['ppl_pruned']:.3f} | 0 |")
     print(f"| + LM loss only | {r['ppl_pruned_lm']:.3f} | {r['gap_closed_lm']:.1%} |")
     print(f"| + logits KD | {r['ppl_pruned_kd']:.3f} | {r['gap_closed_kd']:.1%} "
-          f"({r['gap_closed_kd'] / max(r['gap_closed_lm'], 1e-9):.2f}x LM) |")
+          f"({r['gap_closed_kd'] / max(r['gap_closed_lm'], 1e-9):.2f}x LM; gap left: LM "
+          f"{r['remaining_gap_lm_over_kd']:.2f}x KD's) |")
     print(f"| INT4-AWQ PTQ | {r['ppl_awq']:.3f} | 0 |")
     print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%} |")
     print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%} |")
     s = r.get("synthesis")
     if s:
-        b1 = s["batch1"]["conversations"] / s["batch1"]["seconds"]
-        bb = s["batched"]["conversations"] / s["batched"]["seconds"]
-        print(f"synthesis (script wall time, model load included): batch 1 {b1:.3f} conv/s, "
-              f"batch {s['batched']['batch']} {bb:.3f} conv/s ({bb / b1:.1f}x)")
-
+        b1, bb = s["batch1"], s["batched"]
+        print(f"| synthesis, batch 1 | {b1['seq_per_s']:.3f} seq/s, {b1['tok_per_s']:.1f} tok/s | |")
+        print(f"| synthesis, batch {bb['batch']} | {bb['seq_per_s']:.3f} seq/s, {bb['tok_per_s']:.1f} tok/s "
+              f"| {bb['tok_per_s'] / b1['tok_per_s']:.1f}x batch 1 |")
 
 if __name__ == "__main__":
     main()
