@@ -1,0 +1,194 @@
+"""Speculative generation throughput on CPU: plain greedy vs n-gram (prompt lookup) vs a draft
+model, and transformers' own prompt-lookup generation, on the same prompts, in one process.
+
+    .venv/bin/python benchmarks/speculative_throughput.py [--num-prompts 6] [--osl 128]
+        [--draft-steps 3] [--ngram-size 3] [--draft-layers 0-9] [--draft-model-path DIR]
+
+Target: the default SmolLM2-135M-Instruct, fp32, one process. Prompts: the first N of
+post_training/resources/chat_questions.txt (chat template applied). Each answer runs to --osl
+tokens (EOS ignored, so every method produces the same number of tokens; --stop-at-eos keeps
+EOS). The draft model defaults to a depth-truncated copy of SmolLM2 (the layers named by
+--draft-layers, with its final norm and head), built once with transformers. Every
+speculative output is checked token for token against plain greedy.
+
+Cost model (printed beside the measurement): with t1 the time of one plain decode step,
+v(k) of one verify forward of k tokens (all logits) and d of one draft-model decode step, all
+measured at a context of about prompt + osl/2 tokens, the predicted speed-up is
+
+    tokens * t1 / sum over target steps i of (v(drafted_i + 1) + drafted_i * d)
+
+(n-gram: d = its measured proposal time; a step with nothing drafted costs v(1) = t1). With
+every step drafting K tokens this is AL / (v(K+1)/t1 + K*d/t1).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import post_training.cli  # noqa: E402,F401  (quiet import-time notices)
+
+
+def truncated_draft(src: Path, layers: str, out_root: Path) -> Path:
+    """An HF copy of ``src`` keeping the decoder layers ``layers`` ("0-5,27-29"), built once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    keep = []
+    for part in layers.split(","):
+        lo, _, hi = part.partition("-")
+        keep += list(range(int(lo), int(hi or lo) + 1))
+    out = out_root / f"{src.name}-layers-{layers.replace(',', '_')}"
+    if (out / "config.json").is_file():
+        return out
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
+    for i, layer in enumerate(m.model.layers):
+        layer.self_attn.layer_idx = i
+    m.config.num_hidden_layers = len(keep)
+    if hasattr(m.config, "layer_types") and m.config.layer_types:
+        m.config.layer_types = [m.config.layer_types[i] for i in keep]
+    tmp = out.with_name(out.name + ".tmp")
+    m.save_pretrained(tmp)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-prompts", type=int, default=6)
+    ap.add_argument("--osl", type=int, default=128)
+    ap.add_argument("--draft-steps", type=int, default=3)
+    ap.add_argument("--ngram-size", type=int, default=3)
+    ap.add_argument("--draft-layers", default="0-9")
+    ap.add_argument("--draft-model-path", default=None)
+    ap.add_argument("--stop-at-eos", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated methods to leave out (model, hf)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = ap.parse_args()
+
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from transformers import AutoModelForCausalLM
+
+    from post_training import hf as hf_mod
+    from post_training.config import GenerateConfig, ModelConfig, SourceConfig
+    from post_training.data import render_prompt
+    from post_training.generate import generate, stop_token_ids
+    from post_training.inference import KVCache
+    from post_training.model_builder import setup_model
+    from post_training.runtime import ParallelConfig, cpu_compat, init_runtime
+    from post_training.speculative import ModelDrafter, NgramDrafter, speculative_generate
+
+    rt = init_runtime(ParallelConfig())
+    model, tok, hf_config = setup_model(SourceConfig(), ModelConfig(), rt)
+    hf_dir = Path(tok.name_or_path)
+    K = a.draft_steps
+    questions = (Path(__file__).resolve().parents[1] / "post_training/resources/chat_questions.txt").read_text().splitlines()
+    prompts = [render_prompt(q, tok) for q in questions if q.strip()][: a.num_prompts]
+    stops = stop_token_ids(tok, hf_config) if a.stop_at_eos else []
+    g = GenerateConfig(max_new_tokens=a.osl, stop_token_ids=stops)
+    skip = set(filter(None, a.skip.split(",")))
+
+    drafters = {"ngram": NgramDrafter(a.ngram_size)}
+    if "model" not in skip:
+        ddir = Path(a.draft_model_path) if a.draft_model_path else truncated_draft(hf_dir, a.draft_layers, hf_mod.cache_dir())
+        dmodel, _, _ = setup_model(SourceConfig(pretrained_model_path=str(ddir)), ModelConfig(), rt, hf_dir=ddir)
+        drafters["model"] = ModelDrafter(dmodel)
+        print(f"draft model: {ddir.name} ({dmodel.config.num_layers} layers)")
+
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval() if "hf" not in skip else None
+    if ref is not None and not a.stop_at_eos:
+        ref.generation_config.eos_token_id = None  # run to --osl like the toolkit's runs
+
+    def run_plain():
+        return [generate(model, p, g) for p in prompts], None
+
+    def run_spec(name):
+        outs, stats = [], []
+        for p in prompts:
+            o, s = speculative_generate(model, p, drafters[name], g, K)
+            outs.append(o)
+            stats.append(s)
+        return outs, stats
+
+    def run_hf(lookup: int | None):
+        outs = []
+        kw = dict(prompt_lookup_num_tokens=lookup) if lookup else {}
+        with torch.inference_mode(), cpu_compat.device_mode_suspended():
+            for p in prompts:
+                o = ref.generate(torch.tensor([p]), max_new_tokens=a.osl, do_sample=False, pad_token_id=0,
+                                 **kw)
+                outs.append(o[0, len(p):].tolist())
+        return outs, None
+
+    methods = {"plain greedy": run_plain, "n-gram": lambda: run_spec("ngram")}
+    if "model" in drafters:
+        methods["draft model"] = lambda: run_spec("model")
+    if ref is not None:
+        methods["hf greedy"] = lambda: run_hf(None)
+        methods["hf prompt lookup"] = lambda: run_hf(K)
+    generate(model, prompts[0], GenerateConfig(max_new_tokens=8))  # warm-up
+    results = {}
+    for name, fn in methods.items():
+        t = time.perf_counter()
+        outs, stats = fn()
+        results[name] = (time.perf_counter() - t, outs, stats)
+        print(f"  ran {name}: {time.perf_counter() - t:.1f} s", flush=True)
+
+    # Per-forward costs at a mid-answer context, medians of repeated appends rolled back.
+    ctx = prompts[0] + results["plain greedy"][1][0][: a.osl // 2]
+
+    def fwd_cost(m, k: int, all_logits: bool, reps: int = 15) -> float:
+        cache = KVCache(1, len(ctx) + k + 1)
+        with torch.inference_mode(), cpu_compat.device_mode_suspended():
+            cache.forward(m, torch.tensor([ctx]))
+            x = torch.tensor([ctx[-k:]])
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                cache.forward(m, x, all_logits=all_logits)
+                times.append(time.perf_counter() - t)
+                cache.truncate(len(ctx))
+        return statistics.median(times)
+
+    t1 = fwd_cost(model, 1, False)
+    v = {k: fwd_cost(model, k, True) for k in range(1, K + 2)}
+    v[1] = t1
+    d_model = fwd_cost(drafters["model"].model, 1, False) if "model" in drafters else 0.0
+
+    total = sum(len(o) for o in results["plain greedy"][1])
+    base_tps = total / results["plain greedy"][0]
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; SmolLM2-135M-Instruct fp32, CPU, "
+          f"threads {torch.get_num_threads()}; {len(prompts)} prompts of chat_questions.txt, "
+          f"osl {a.osl}{'' if a.stop_at_eos else ' (EOS ignored)'}, {total} tokens; K={K}, n-gram n={a.ngram_size}")
+    print(f"costs relative to one decode step (t1 = {t1 * 1e3:.1f} ms): verify v(k)/t1 "
+          + ", ".join(f"k={k}: {v[k] / t1:.2f}" for k in range(2, K + 2))
+          + (f"; draft-model step d/t1 = {d_model / t1:.2f}" if "model" in drafters else ""))
+    print(f"{'method':<18}{'tok/s':>8}{'vs plain':>10}{'AL':>7}{'steps':>7}{'predicted':>11}  identical")
+    for name, (sec, outs, stats) in results.items():
+        tps = sum(len(o) for o in outs) / sec
+        same = outs == results["plain greedy"][1]
+        al = steps = pred = ""
+        if stats:
+            n_steps = sum(s.steps for s in stats)
+            toks = sum(s.tokens for s in stats)
+            d = d_model if name == "draft model" else sum(s.draft_seconds for s in stats) / max(
+                1, sum(x for s in stats for x in s.drafted))
+            cost = sum(v[dr + 1] + dr * d for s in stats for dr in s.drafted)
+            al, steps, pred = f"{toks / n_steps:.2f}", str(n_steps), f"{toks * t1 / cost:.2f}x"
+        print(f"{name:<18}{tps:8.1f}{tps / base_tps:9.2f}x{al:>7}{steps:>7}{pred:>11}  {same}")
+
+
+if __name__ == "__main__":
+    main()
