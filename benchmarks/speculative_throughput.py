@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--draft-model-path", default=None)
     ap.add_argument("--stop-at-eos", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated methods to leave out (model, hf)")
+    ap.add_argument("--cost-reps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
 
@@ -111,61 +112,58 @@ def main() -> None:
     if ref is not None and not a.stop_at_eos:
         ref.generation_config.eos_token_id = None  # run to --osl like the toolkit's runs
 
-    def run_plain():
-        return [generate(model, p, g) for p in prompts], None
+    # One prompt at a time, every method in turn (round robin): load changes on a shared
+    # machine then hit every method alike instead of whichever ran during a busy minute.
+    def run_plain(p):
+        return generate(model, p, g), None
 
-    def run_spec(name):
-        outs, stats = [], []
-        for p in prompts:
-            o, s = speculative_generate(model, p, drafters[name], g, K)
-            outs.append(o)
-            stats.append(s)
-        return outs, stats
+    def run_spec(name, p):
+        return speculative_generate(model, p, drafters[name], g, K)
 
-    def run_hf(lookup: int | None):
-        outs = []
+    def run_hf(lookup, p):
         kw = dict(prompt_lookup_num_tokens=lookup) if lookup else {}
         with torch.inference_mode(), cpu_compat.device_mode_suspended():
-            for p in prompts:
-                o = ref.generate(torch.tensor([p]), max_new_tokens=a.osl, do_sample=False, pad_token_id=0,
-                                 **kw)
-                outs.append(o[0, len(p):].tolist())
-        return outs, None
+            o = ref.generate(torch.tensor([p]), max_new_tokens=a.osl, do_sample=False, pad_token_id=0, **kw)
+        return o[0, len(p):].tolist(), None
 
-    methods = {"plain greedy": run_plain, "n-gram": lambda: run_spec("ngram")}
+    methods = {"plain greedy": run_plain, "n-gram": lambda p: run_spec("ngram", p)}
     if "model" in drafters:
-        methods["draft model"] = lambda: run_spec("model")
+        methods["draft model"] = lambda p: run_spec("model", p)
     if ref is not None:
-        methods["hf greedy"] = lambda: run_hf(None)
-        methods["hf prompt lookup"] = lambda: run_hf(K)
+        methods["hf greedy"] = lambda p: run_hf(None, p)
+        methods["hf prompt lookup"] = lambda p: run_hf(K, p)
     generate(model, prompts[0], GenerateConfig(max_new_tokens=8))  # warm-up
-    results = {}
-    for name, fn in methods.items():
-        t = time.perf_counter()
-        outs, stats = fn()
-        results[name] = (time.perf_counter() - t, outs, stats)
-        print(f"  ran {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    results = {name: [0.0, [], []] for name in methods}
+    for i, p in enumerate(prompts):
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            out, st = fn(p)
+            results[name][0] += time.perf_counter() - t
+            results[name][1].append(out)
+            if st is not None:
+                results[name][2].append(st)
+        print(f"  prompt {i + 1}/{len(prompts)} done", flush=True)
 
-    # Per-forward costs at a mid-answer context, medians of repeated appends rolled back.
+    # Per-forward costs at a mid-answer context: the k-token appends (rolled back) alternate
+    # within each repetition, medians over the repetitions.
     ctx = prompts[0] + results["plain greedy"][1][0][: a.osl // 2]
-
-    def fwd_cost(m, k: int, all_logits: bool, reps: int = 15) -> float:
-        cache = KVCache(1, len(ctx) + k + 1)
-        with torch.inference_mode(), cpu_compat.device_mode_suspended():
-            cache.forward(m, torch.tensor([ctx]))
-            x = torch.tensor([ctx[-k:]])
-            times = []
-            for _ in range(reps):
+    models = {"target": model, **({"draft": drafters["model"].model} if "model" in drafters else {})}
+    caches = {n: KVCache(1, len(ctx) + K + 2) for n in models}
+    times: dict = {}
+    with torch.inference_mode(), cpu_compat.device_mode_suspended():
+        for n, m in models.items():
+            caches[n].forward(m, torch.tensor([ctx]))
+        for _ in range(a.cost_reps):
+            for n, k in [("target", k) for k in range(1, K + 2)] + [("draft", 1)] * ("draft" in models):
+                x = torch.tensor([ctx[-k:]])
                 t = time.perf_counter()
-                cache.forward(m, x, all_logits=all_logits)
-                times.append(time.perf_counter() - t)
-                cache.truncate(len(ctx))
-        return statistics.median(times)
-
-    t1 = fwd_cost(model, 1, False)
-    v = {k: fwd_cost(model, k, True) for k in range(1, K + 2)}
-    v[1] = t1
-    d_model = fwd_cost(drafters["model"].model, 1, False) if "model" in drafters else 0.0
+                caches[n].forward(models[n], x, all_logits=k > 1)
+                times.setdefault((n, k), []).append(time.perf_counter() - t)
+                caches[n].truncate(len(ctx))
+    med = {key: statistics.median(val) for key, val in times.items()}
+    t1 = med[("target", 1)]
+    v = {k: med[("target", k)] for k in range(1, K + 2)}
+    d_model = med.get(("draft", 1), 0.0)
 
     total = sum(len(o) for o in results["plain greedy"][1])
     base_tps = total / results["plain greedy"][0]
@@ -177,6 +175,7 @@ def main() -> None:
           + (f"; draft-model step d/t1 = {d_model / t1:.2f}" if "model" in drafters else ""))
     print(f"{'method':<18}{'tok/s':>8}{'vs plain':>10}{'AL':>7}{'steps':>7}{'predicted':>11}  identical")
     for name, (sec, outs, stats) in results.items():
+        stats = stats or None
         tps = sum(len(o) for o in outs) / sec
         same = outs == results["plain greedy"][1]
         al = steps = pred = ""
