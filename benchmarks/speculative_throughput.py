@@ -4,12 +4,18 @@ model, and transformers' own prompt-lookup generation, on the same prompts, in o
     .venv/bin/python benchmarks/speculative_throughput.py [--num-prompts 6] [--osl 128]
         [--draft-steps 3] [--ngram-size 3] [--draft-layers 0-9] [--draft-model-path DIR]
 
-Target: the default SmolLM2-135M-Instruct, fp32, one process. Prompts: the first N of
-post_training/resources/chat_questions.txt (chat template applied). Each answer runs to --osl
+Target: the default SmolLM2-135M-Instruct, fp32, one process. Prompts (chat template applied):
+the first N of post_training/resources/chat_questions.txt (``--prompt-set chat``) or of four
+built-in input-grounded requests (``grounded``: fix typos, add a docstring, renumber a list,
+repeat a sentence), where answers copy their prompt as prompt lookup expects. Each answer runs to --osl
 tokens (EOS ignored, so every method produces the same number of tokens; --stop-at-eos keeps
 EOS). The draft model defaults to a depth-truncated copy of SmolLM2 (the layers named by
 --draft-layers, with its final norm and head), built once with transformers. Every
-speculative output is checked token for token against plain greedy.
+speculative output is checked token for token against plain greedy. Truncated SmolLM2 copies are
+poor drafts (first 10 layers: 15% teacher-forced agreement with the full model; benchmarks/
+RESULTS.md): the draft-model row shows the path works and what a draft step costs, not a
+speed-up. On a loaded machine run with OMP_NUM_THREADS=1 --threads 1; methods alternate per
+prompt.
 
 Cost model (printed beside the measurement): with t1 the time of one plain decode step,
 v(k) of one verify forward of k tokens (all logits) and d of one draft-model decode step, all
@@ -32,6 +38,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import post_training.cli  # noqa: E402,F401  (quiet import-time notices)
+
+
+# Input-grounded requests (edit / extract / rewrite a given text), where an answer copies spans
+# of its prompt: prompt lookup's use case. The chat questions ask for new text instead.
+GROUNDED = [
+    "Fix the spelling mistakes in this paragraph and return the corrected paragraph:\n\n"
+    "The quick brown fox jumpd over the lazy dog. The dog was not amused and barkd loudly at the "
+    "fox, who ran into the forrest. Later that day the fox came back and apologised to the dog, "
+    "and the two of them became freinds. They spent the evening siting by the river together.",
+    "Add a docstring to this Python function and return the whole function:\n\n"
+    "def moving_average(values, window):\n    if window <= 0:\n        raise ValueError('window must "
+    "be positive')\n    out = []\n    total = 0.0\n    for i, v in enumerate(values):\n        total += v\n"
+    "        if i >= window:\n            total -= values[i - window]\n        if i >= window - 1:\n"
+    "            out.append(total / window)\n    return out",
+    "Convert this list into a numbered list, keeping every item as written:\n\n- buy milk and eggs\n"
+    "- call the plumber about the kitchen sink\n- return the library books before Friday\n- water the "
+    "tomato plants in the garden\n- book train tickets for the trip to the coast\n- send the birthday "
+    "card to grandmother",
+    "Repeat the following sentence three times, each on its own line: Speculative decoding lets a "
+    "small draft propose tokens that the large model verifies in one forward pass.",
+]
 
 
 def truncated_draft(src: Path, layers: str, out_root: Path) -> Path:
@@ -65,6 +92,8 @@ def truncated_draft(src: Path, layers: str, out_root: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-prompts", type=int, default=6)
+    ap.add_argument("--prompt-set", choices=("chat", "grounded"), default="chat",
+                    help="chat: chat_questions.txt; grounded: built-in edit / extract requests")
     ap.add_argument("--osl", type=int, default=128)
     ap.add_argument("--draft-steps", type=int, default=3)
     ap.add_argument("--ngram-size", type=int, default=3)
@@ -96,6 +125,8 @@ def main() -> None:
     hf_dir = Path(tok.name_or_path)
     K = a.draft_steps
     questions = (Path(__file__).resolve().parents[1] / "post_training/resources/chat_questions.txt").read_text().splitlines()
+    if a.prompt_set == "grounded":
+        questions = GROUNDED
     prompts = [render_prompt(q, tok) for q in questions if q.strip()][: a.num_prompts]
     stops = stop_token_ids(tok, hf_config) if a.stop_at_eos else []
     g = GenerateConfig(max_new_tokens=a.osl, stop_token_ids=stops)
@@ -168,7 +199,7 @@ def main() -> None:
     total = sum(len(o) for o in results["plain greedy"][1])
     base_tps = total / results["plain greedy"][0]
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; SmolLM2-135M-Instruct fp32, CPU, "
-          f"threads {torch.get_num_threads()}; {len(prompts)} prompts of chat_questions.txt, "
+          f"threads {torch.get_num_threads()}; {len(prompts)} prompts ({a.prompt_set}), "
           f"osl {a.osl}{'' if a.stop_at_eos else ' (EOS ignored)'}, {total} tokens; K={K}, n-gram n={a.ngram_size}")
     print(f"costs relative to one decode step (t1 = {t1 * 1e3:.1f} ms): verify v(k)/t1 "
           + ", ".join(f"k={k}: {v[k] / t1:.2f}" for k in range(2, K + 2))
