@@ -168,6 +168,7 @@ GROUPS: dict[str, Group] = {
         Flag("--no-load-rng", "no_load_rng", "with --load: do not restore the RNG states"),
         Flag("--finetune", "finetune", "with --load: weights only, start at iteration 0"),
         Flag("--no-progress", "progress", "no progress bar", negate=True),
+        Flag("--lora-rank", "lora_rank", "train LoRA adapters of this rank (ModelOpt peft), base frozen"),
     )),
     "sft": Group(C.SFTDataConfig, "training data", (
         Flag("--finetune-hf-dataset", "hf_dataset", "datasets hub name (online)"),
@@ -202,6 +203,8 @@ GROUPS: dict[str, Group] = {
     "prune": Group(C.PruneConfig, "pruning", (
         Flag("--prune-export-config", "export_config", "json targets: num_layers, hidden_size, "
              "ffn_hidden_size, num_attention_heads, num_query_groups"),
+        Flag("--prune-ppl-windows", "ppl_windows", "512-token windows of the built-in eval text "
+             "scored before and after pruning (0: skip)"),
     )),
     "draft": Group(C.DraftConfig, "speculative decoding", (
         Flag("--draft", "draft", choices=C.DRAFTERS), Flag("--draft-steps", "draft_steps"),

@@ -2,7 +2,8 @@
 
 Drop-in for megatron-core's ``DotProductAttention`` in a layer spec (same constructor and
 forward signature), usable on CPU and GPU. Handles GQA, causal masks, arbitrary boolean
-masks (EAGLE training) and the KV-cache cases of megatron's static inference context:
+masks (EAGLE training, packed documents, left-padded batches: a given mask is always the
+whole mask) and the KV-cache cases of megatron's static inference context without a mask:
 
 * queries == keys: ordinary causal attention;
 * one query against a cache: no mask;
@@ -78,13 +79,14 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
 
         mask, is_causal = None, False
-        if mask_type == AttnMaskType.arbitrary or (
-            attention_mask is not None and mask_type == AttnMaskType.padding
-        ):
+        if mask_type == AttnMaskType.arbitrary or attention_mask is not None:
+            # A given mask is the whole mask, causality included (as in megatron's softmax, which
+            # builds its default causal mask only when none is given): EAGLE's arbitrary masks,
+            # packed documents, and batched generation's left padding against a KV cache.
             if attention_mask is not None:
                 mask = ~attention_mask.to(torch.bool)  # megatron: True = masked out
                 if attention_bias is not None:
-                    raise ValueError("attention_bias with an arbitrary mask is not supported")
+                    raise ValueError("attention_bias with an explicit mask is not supported")
         elif sq == sk:
             is_causal = mask_type != AttnMaskType.no_mask
         elif sq > 1:

@@ -147,8 +147,10 @@ def conf_hf_dir(conf: ModelConf, hf_model_ckpt: str | None) -> Path:
 
 
 def check_expected(conf: ModelConf, hf_config) -> None:
+    # a pruned checkpoint (scripts/prune.sh) is still of its conf: compare the sizes it had
+    before = getattr(hf_config, "pruned_from", None) or {}
     for key, want in conf.expect.items():
-        got = getattr(hf_config, key, None)
+        got = before.get(key, getattr(hf_config, key, None))
         if got != want:
             raise UsageError(
                 f"HF config does not match conf {conf.name}: {key} = {got!r}, conf expects {want!r}"

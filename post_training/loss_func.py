@@ -13,11 +13,15 @@ of the token-level mean, independent of how the batch is split into microbatches
 Reports carry ``[sum, count]`` pairs for the same reason; :func:`reduce_report` turns them
 into means.
 
-Distillation adds its KL term in :func:`loss_func` (see the marked place); the LM part and
-the report format stay as they are.
+Distillation (the model is ModelOpt's ``DistillationModel``, see
+:mod:`post_training.distillation`): the KD terms come from the model's ``compute_kd_loss``,
+each masked and summed like the LM loss (:func:`kd_term_sum`), and are reported under
+Megatron-LM's names: ``lm loss``, ``logits distillation loss``, ``intermediate distillation
+loss`` (when layer pairs are set), ``total loss`` (the optimized one).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,15 +43,54 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor,
               model: Any = None) -> tuple[torch.Tensor, torch.Tensor, LossReport]:
     """megatron-core loss contract: (summed loss, number of loss tokens, report).
 
-    ``model`` is unused by the LM loss; it is where the distillation loss will find the
-    ModelOpt ``DistillationModel`` (as Megatron-LM's post_training ``loss_func`` does)."""
+    ``model`` (possibly DDP-wrapped): when it is a ModelOpt ``DistillationModel`` the KD terms
+    are added as Megatron-LM's post_training ``loss_func`` does; in training the optimized loss
+    is the balancer's total, in evaluation the LM loss."""
     lm_loss = masked_token_loss(output_tensor, loss_mask)
     num_tokens = loss_mask.sum().detach().to(torch.int)
     report: LossReport = {"lm loss": _pair(lm_loss, num_tokens)}
     loss = lm_loss
-    # Distillation: when `model` is a DistillationModel, add its (summed, token-level) KL
-    # term to `loss` here and report it as another [sum, count] pair, e.g. "kd loss".
+    kd_model = _distillation_model(model)
+    if kd_model is not None:
+        terms = kd_model.compute_kd_loss(student_loss=lm_loss,
+                                         loss_reduction_fn=partial(kd_term_sum, loss_mask=loss_mask))
+        report["logits distillation loss"] = _pair(terms["logits_loss"], num_tokens)
+        if len(kd_model._layers_to_loss) > 1:  # logits + intermediate pairs
+            report["intermediate distillation loss"] = _pair(terms["intermediate_loss"], num_tokens)
+        report["total loss"] = _pair(terms["kd_loss"], num_tokens)
+        if kd_model.training:
+            loss = terms["kd_loss"]
     return loss, num_tokens, report
+
+
+def _distillation_model(model: Any) -> Any:
+    while hasattr(model, "module"):  # DDP / Float16Module
+        model = model.module
+    return model if model is not None and hasattr(model, "compute_kd_loss") else None
+
+
+def kd_term_sum(term: Any, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Masked sum of one ModelOpt megatron KD loss: ``([b, s] per-token loss, tp_reduce,
+    sequence_parallel)``. ``tp_reduce``: each TP rank holds the part of the loss from its vocab
+    shard (vocab-parallel KL); the value is summed over TP while each rank's gradient stays
+    that of its own part, since the softmax denominators inside the loss are already
+    all-reduced with autograd (the same split Megatron-LM's ``_mask_loss`` makes)."""
+    tp_reduce, sequence_parallel = False, False
+    if isinstance(term, tuple):
+        term, tp_reduce, sequence_parallel = term
+    if sequence_parallel or tp_reduce:
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+        if sequence_parallel:  # the [b, s] loss covers this rank's sequence chunk only
+            idx, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+            loss_mask = torch.tensor_split(loss_mask, n, dim=1)[idx]
+    total = masked_token_loss(term, loss_mask)
+    if (sequence_parallel or tp_reduce) and dist.get_world_size(group) > 1:
+        summed = total.detach().clone()
+        dist.all_reduce(summed, group=group)
+        total = total + (summed - total.detach())
+    return total
 
 
 def _pair(loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from post_training.chat_data import packed_attention_mask
 from post_training.config import BatchConfig, TrainConfig
 from post_training.loss_func import loss_func, reduce_report
 from post_training.runtime import Runtime
@@ -110,10 +111,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, batch: BatchConfig
 
 
 def microbatches(tokens: torch.Tensor, cfg: BatchConfig, rt: Runtime,
-                 loss_mask: torch.Tensor | None = None) -> list[Microbatch]:
+                 loss_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 document_ids: torch.Tensor | None = None) -> list[Microbatch]:
     """Split a global batch of token ids ``[global_batch_size, seq_length + 1]`` into this DP
     rank's microbatches: inputs are ``tokens[:, :-1]``, labels ``tokens[:, 1:]``;
     ``loss_mask`` (same shape as ``tokens``, 1 = predict this token) masks the labels.
+    Packed documents: ``position_ids`` ``[gbs, seq_length]`` (default 0..S-1) and
+    ``document_ids`` ``[gbs, seq_length]``, which become each microbatch's block-diagonal
+    ``attention_mask`` (built here, for this rank's samples only).
     Every rank of a model-parallel group gets the same microbatches."""
     gbs, s1 = tokens.shape
     if gbs != cfg.global_size(rt.dp) or s1 < 2:
@@ -123,21 +128,42 @@ def microbatches(tokens: torch.Tensor, cfg: BatchConfig, rt: Runtime,
     n = cfg.num_microbatches(rt.dp)
     dp_rank = ps.get_data_parallel_rank()
     per_rank = gbs // rt.dp
-    mask = torch.ones_like(tokens) if loss_mask is None else loss_mask
-    tokens = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank].to(rt.device)
-    mask = mask[dp_rank * per_rank:(dp_rank + 1) * per_rank].to(rt.device)
-    positions = torch.arange(seq_length, device=rt.device).unsqueeze(0)
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return t[dp_rank * per_rank:(dp_rank + 1) * per_rank].to(rt.device)
+
+    tokens = mine(tokens)
+    mask = mine(torch.ones_like(tokens) if loss_mask is None else loss_mask)
+    if position_ids is None:
+        positions = torch.arange(seq_length, device=rt.device).expand(per_rank, -1)
+    else:
+        positions = mine(position_ids)
+    docs = None if document_ids is None else mine(document_ids)
     out = []
     for i in range(n):
         sl = slice(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size)
         chunk = tokens[sl]
-        out.append({
+        mb = {
             "tokens": chunk[:, :-1].contiguous(),
             "labels": chunk[:, 1:].contiguous(),
             "loss_mask": mask[sl, 1:].float().contiguous(),
-            "position_ids": positions.expand(chunk.size(0), -1),
-        })
+            "position_ids": positions[sl].contiguous(),
+        }
+        if docs is not None:
+            mb["attention_mask"] = packed_attention_mask(docs[sl])
+        out.append(mb)
     return out
+
+
+def collate(samples: list[dict], cfg: BatchConfig, rt: Runtime) -> list[Microbatch]:
+    """This DP rank's microbatches of one global batch of SFT samples
+    (``chat_data.global_batches``): tokens, loss mask, position ids and, for packed documents
+    with --reset-attention-mask, the attention mask."""
+    def stack(key: str) -> torch.Tensor | None:
+        return torch.stack([s[key] for s in samples]) if key in samples[0] else None
+
+    return microbatches(stack("tokens"), cfg, rt, loss_mask=stack("loss_mask"),
+                        position_ids=stack("position_ids"), document_ids=stack("document_ids"))
 
 
 def forward_step(data_iterator: Iterator[Microbatch], model: torch.nn.Module

@@ -100,6 +100,28 @@ def mr_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("multirank")
 
 
+KD_YAML = """\
+# the distillation recipe of the multi-rank checks: every KD term, the LM loss kept
+intermediate_layer_pairs:
+  - [decoder.layers.3, decoder.layers.3, cosine]
+skip_lm_loss: false
+kd_loss_scale: 0.5
+logit_kl_temperature: 2.0
+"""
+
+
+@pytest.fixture(scope="session")
+def kd_yaml(mr_dir) -> Path:
+    path = mr_dir / "kd.yaml"
+    path.write_text(KD_YAML)
+    return path
+
+
+def _distill_args(tiny_dirs, kd_yaml) -> tuple[str, ...]:
+    """--distill task of tests/workers/multi.py: the tiny llama learns from the tiny qwen2."""
+    return ("--distill", str(tiny_dirs["qwen2"]), "--kd-cfg", str(kd_yaml))
+
+
 def _multi(nproc: int, out: Path, hf_dir: Path, *args: str) -> dict:
     from dist_utils import torchrun
 
@@ -108,25 +130,31 @@ def _multi(nproc: int, out: Path, hf_dir: Path, *args: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def mr_tp2(tiny_llama, mr_dir) -> dict:
-    """TP=2: forward + KV cache, 4 training steps, speculative generation, and checkpoints saved
-    at TP=2: plain ("tp2"), FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache
-    ("int8")."""
-    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--spec",
+def mr_tp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml) -> dict:
+    """TP=2: forward + KV cache, 4 training steps, 6 loop iterations, speculative and batched
+    generation, and checkpoints saved at TP=2: plain ("tp2"), FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache
+    ("int8"); 3 distillation steps ("distill"), then distillation and the loop again at DP=2
+    ("distill:dp", "loop:dp")."""
+    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--loop", "--spec", "--batched",
                   "--save", f"tp2={mr_dir / 'tp2'}", "--save", f"fp8={mr_dir / 'fp8'}:fp8",
-                  "--save", f"int8={mr_dir / 'int8'}:int8")
+                  "--save", f"int8={mr_dir / 'int8'}:int8", *_distill_args(tiny_dirs, kd_yaml),
+                  "--distill-dp", "--loop-dp")
 
 
 @pytest.fixture(scope="session")
-def mr_pp2(tiny_llama, mr_dir, mr_tp2) -> dict:
-    """PP=2: forward, 4 training steps, speculative generation, a checkpoint saved at PP=2
-    ("pp2"), and the TP=2 checkpoint loaded at TP=1 PP=2 ("load:tp2")."""
-    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train", "--spec",
-                  "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}")
+def mr_pp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml, mr_tp2) -> dict:
+    """PP=2: forward, 4 training steps, 6 loop iterations, a checkpoint saved at PP=2 ("pp2"), the
+    TP=2 checkpoint loaded at TP=1 PP=2 ("load:tp2"), 3 distillation steps ("distill"),
+    speculative and batched generation, the n-gram acceptance report, and depth pruning 4 -> 2
+    saved ("prune")."""
+    return _multi(2, mr_dir / "pp2.pt", tiny_llama, "--pp", "2", "--forward", "--train", "--loop", "--spec", "--batched", "--acceptance",
+                  "--save", f"pp2={mr_dir / 'pp2'}", "--load", f"tp2={mr_dir / 'tp2'}",
+                  "--prune", str(mr_dir / "pruned-pp2"), *_distill_args(tiny_dirs, kd_yaml))
 
 
 @pytest.fixture(scope="session")
-def mr_2x2(tiny_llama, mr_dir, mr_pp2) -> dict:
-    """TP=2 x PP=2 (4 ranks): forward, and the PP=2 checkpoint loaded at TP=2 PP=2 ("load:pp2")."""
+def mr_2x2(tiny_llama, tiny_dirs, mr_dir, kd_yaml, mr_pp2) -> dict:
+    """TP=2 x PP=2 (4 ranks): forward, the PP=2 checkpoint loaded at TP=2 PP=2 ("load:pp2"),
+    3 distillation steps ("distill")."""
     return _multi(4, mr_dir / "2x2.pt", tiny_llama, "--tp", "2", "--pp", "2", "--forward",
-                  "--load", f"pp2={mr_dir / 'pp2'}")
+                  "--load", f"pp2={mr_dir / 'pp2'}", *_distill_args(tiny_dirs, kd_yaml))

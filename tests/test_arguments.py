@@ -12,7 +12,7 @@ from dist_utils import ROOT, clean_env
 from post_training import arguments, config
 from post_training.utils import UsageError
 
-ENTRIES = ("convert", "evaluate", "export", "generate", "quantize")
+ENTRIES = ("acceptance", "convert", "evaluate", "export", "generate", "prune", "train", "quantize")  # quantize last (see below)
 
 
 def test_each_flag_and_field_is_defined_once():
@@ -68,9 +68,10 @@ def test_entry_points_parse_and_preflight_without_megatron(tiny_llama):
     runs every entry's preflight in turn (quantize last: it imports ModelOpt, see below) and
     reports what each had loaded."""
     extra = {"export": ["--export-dir", "/tmp/nonexistent-export-dir"], "convert": ["--save", "/tmp/x"],
-             "evaluate": ["--seq-length", "16", "--eval-max-chunks", "1"], "quantize": []}
+             "evaluate": ["--seq-length", "16", "--eval-max-chunks", "1"], "quantize": [],
+             "prune": ["--prune-export-config", '{"num_layers": 2}', "--save", "/tmp/x"]}
     code = "import importlib, json, sys\nseen = {}\n"
-    for m in ENTRIES:  # alphabetical: quantize is last
+    for m in ENTRIES:  # quantize is last
         code += (f"importlib.import_module('post_training.cli.{m}').main(['--preflight', "
                  f"'--pretrained-model-path', {str(tiny_llama)!r}] + {extra.get(m, [])!r})\n"
                  f"seen[{m!r}] = sorted(x for x in ('megatron', 'modelopt', 'post_training.model_builder') "

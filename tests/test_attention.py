@@ -62,3 +62,16 @@ def test_arbitrary_mask(attn):
     masked_out[..., 0] = False  # every query keeps one key
     out = attn(AttnMaskType.arbitrary)(q, k, v, masked_out)
     torch.testing.assert_close(out, reference(q, k, v, ~masked_out), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_type_honours_a_given_mask(attn):
+    """Megatron's local spec builds causal attention but passes the batch's attention mask
+    down (packed documents in training): the mask applies, and the result stays causal."""
+    q, k, v = qkv(6, 6)
+    docs = torch.tensor([0, 0, 0, 1, 1, 1])
+    masked_out = (docs[:, None] != docs[None, :]).expand(2, 1, 6, 6)
+    out = attn(AttnMaskType.causal)(q, k, v, masked_out)
+    allowed = ~masked_out & torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    plain = attn(AttnMaskType.causal)(q, k, v, None)
+    assert (out - plain).abs().max() > 1e-3

@@ -31,6 +31,7 @@ class LoopConfig:
     no_load_rng: bool = False  # with --load: do not restore the RNG states
     finetune: bool = False  # with --load: weights only, iteration 0 (Megatron's --finetune)
     progress: bool = True  # a progress bar on rank 0 (off when the output is not a terminal)
+    lora_rank: int = 0  # > 0: train ModelOpt LoRA adapters of this rank, base weights frozen
 
     def __post_init__(self) -> None:
         _check([
@@ -38,6 +39,7 @@ class LoopConfig:
             (self.eval_interval >= 0, f"--eval-interval must be >= 0 (got {self.eval_interval})"),
             (self.eval_iters >= 1, f"--eval-iters must be >= 1 (got {self.eval_iters})"),
             (self.save_interval >= 0, f"--save-interval must be >= 0 (got {self.save_interval})"),
+            (self.lora_rank >= 0, f"--lora-rank must be >= 0 (got {self.lora_rank})"),
             (self.log_file is None or Path(self.log_file).resolve().parent.is_dir(),
              f"--log-file directory does not exist: {Path(self.log_file or '.').parent}"),
         ])
@@ -138,8 +140,11 @@ class PruneConfig:
     """Minitron pruning targets (calibration data: CalibConfig)."""
 
     export_config: str = "{}"  # json: {"num_layers": 15, "ffn_hidden_size": 1024, ...}
+    ppl_windows: int = 4  # 512-token windows of the built-in eval text scored before and after
 
     def __post_init__(self) -> None:
+        if self.ppl_windows < 0:
+            raise UsageError(f"--prune-ppl-windows must be >= 0 (got {self.ppl_windows})")
         targets = self.targets
         unknown = sorted(set(targets) - set(PRUNE_KEYS))
         _check([

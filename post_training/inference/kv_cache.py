@@ -68,18 +68,22 @@ class KVCache:
     def capacity(self) -> int:
         return self.context.max_sequence_length
 
-    def forward(self, model, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor | None:
+    def forward(self, model, tokens: torch.Tensor, all_logits: bool = False,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Append ``tokens`` [b, k] at positions ``length .. length + k - 1``: run this rank's
         stage forward against the cache and advance it. Returns logits on the last pipeline
         stage ([b, k, V] with ``all_logits``, else [b, 1, V] for the last position), None on
-        the others."""
+        the others. ``attention_mask`` [b, 1, k, length + k] (True = masked out) replaces the
+        causal mask, ``position_ids`` [b, k] the cache positions (see :func:`stage_forward`):
+        a left-padded batch (:mod:`post_training.inference.batched`)."""
         k = tokens.size(1)
         if self.length + k > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions: {self.length} + {k} do not fit")
         if self.keys_rotated and model.config.flash_decode:
             raise ValueError("flash decode rotates keys itself: use KVCache(keys_rotated=False)")
         self.context.materialize_only_last_token_logits = not all_logits
-        logits = stage_forward(model, tokens, self.context)
+        logits = stage_forward(model, tokens, self.context, attention_mask, position_ids)
         self.context.increment_sequence_len_offset(k)
         return logits
 
@@ -89,6 +93,19 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a KV cache of length {self.length} to {n}")
         self.context.sequence_len_offset = n
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only the sequences ``rows`` (in that order) as rows 0..len(rows)-1, e.g. when
+        others finished: later forwards take ``len(rows)`` sequences. Copies the filled
+        positions of this rank's layers."""
+        if len(rows) == 0 or sorted(set(rows)) != sorted(rows) or max(rows) >= self.context.max_batch_size:
+            raise ValueError(f"keep_rows needs distinct rows below {self.context.max_batch_size}, got {rows}")
+        n, idx = self.length, None
+        for key, value in self.context.key_value_memory_dict.values():
+            if idx is None:
+                idx = torch.tensor(rows, device=key.device)
+            for mem in (key, value):
+                mem[:n, :len(rows)] = mem[:n].index_select(1, idx)
 
     def __repr__(self) -> str:
         return (f"KVCache(length={self.length}, capacity={self.capacity}, "

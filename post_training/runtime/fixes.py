@@ -201,4 +201,23 @@ PATCHES = [
         "toolkit goes through that call site, so the layout on disk is always the SwiGLU one",
         "call site: post_training.checkpointing.load.model_sharded_state_dict (every save and load)",
         None, depends=_SWIGLU, group="fixes"),
+    Patch(
+        "kd_student_lm_loss",
+        {"modelopt.torch.distill.plugins.megatron:adjust_distillation_model_for_mcore":
+             "(model: modelopt.torch.distill.distillation_model.DistillationModel, distill_cfg: "
+             "modelopt.torch.distill.plugins.megatron.DistillationConfig)"},
+        "the plugin sets the student's compute_language_model_loss (an instance method) to zeros "
+        "under skip_lm_loss and to megatron's vocab-parallel cross entropy otherwise; that cross "
+        "entropy works in place on fp32 logits (its .float() is then no copy), so the logits the KD "
+        "hook captured on output_layer become softmax probabilities before the KL reads them "
+        "(fp32 CPU runs: the KD loss stalled at a constant). The student's method is set again "
+        "after the plugin's: fp32 logits are cloned for the cross entropy, and under skip_lm_loss "
+        "the real LM loss is returned detached, so it is reported without gradient",
+        "call site: post_training.distillation.setup_distillation (_student_lm_loss)",
+        None,
+        depends={"megatron.core.models.common.language_module.language_module:LanguageModule."
+                 "compute_language_model_loss": "(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor",
+                 "megatron.core.tensor_parallel.cross_entropy:VocabParallelCrossEntropy.calculate_logits_max":
+                     "(vocab_parallel_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]"},
+        group="fixes"),
 ]

@@ -23,6 +23,9 @@ from typing import Any, Callable, Mapping
 CPU = "CPU runtime without CUDA (PT_NO_CPU_COMPAT=1 disables)"
 CPU_FAST = "CPU runtime, under torch.inference_mode only (PT_NO_FASTPATH=1 disables)"
 ALWAYS = "every runtime"
+# Not applied by init_runtime: the one library function that needs it applies it by name
+# (named in the entry's ``covers``), so other tasks do not pay for it.
+ON_DEMAND = "on demand, by the library function named in covers"
 
 
 @dataclass(eq=False)
@@ -128,9 +131,10 @@ def swaps(*swap_list: AttrSwap) -> tuple[Callable[[], None], Callable[[], None]]
 def registry() -> list[Patch]:
     """Every entry, in the order they are applied. The entry modules are imported here (they
     define entries, they do not apply them), so that importing this module stays cheap."""
-    from post_training.runtime import cpu_compat, fastpath, fixes, kv_format
+    from post_training.runtime import cpu_compat, fastpath, fixes, kv_format, minitron
 
-    return [*cpu_compat.PATCHES, *fixes.PATCHES, *kv_format.PATCHES, *fastpath.PATCHES]
+    return [*cpu_compat.PATCHES, *fixes.PATCHES, *kv_format.PATCHES, *fastpath.PATCHES,
+            *minitron.PATCHES]
 
 
 def get(name: str) -> Patch:

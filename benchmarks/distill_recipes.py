@@ -1,0 +1,198 @@
+"""The training recipes on the embedded SmolLM2-135M-Instruct, CPU, through the user's scripts:
+
+1. depth pruning 30 -> 15 layers (prune.sh), then the same steps on the same synthesized chats
+   with the LM loss only (finetune.sh) vs logits KD from the unpruned model (distill.sh):
+   the share of the perplexity gap to the teacher each closes;
+2. INT4-AWQ PTQ (quantize.sh) vs QAT (finetune.sh on the PTQ checkpoint) vs QAD (distill.sh on
+   the PTQ checkpoint, the unquantized model teaching): the share of the PTQ loss recovered;
+3. synthesis throughput (synthesize.sh) at batch 1 vs batched.
+
+Perplexity: evaluate.sh on the built-in evaluation text. One markdown table on stdout (and
+--json-out), loss-curve PNGs in --work. Every step is a script a user runs; this file only
+chains them and reads their last lines / json reports.
+
+    .venv/bin/python benchmarks/distill_recipes.py --work /tmp/recipes [--steps 40] [--conversations 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run(script: str, *args: str, log: Path, env: dict | None = None) -> tuple[str, float]:
+    """Run scripts/<script> with TP=PP=1; stdout+stderr to ``log``; returns (stdout, seconds)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "MLM_MODEL_CKPT",
+                                                           "MLM_MODEL_SAVE", "HF_MODEL_CKPT")}
+    e.update({"TP": "1", "PP": "1", **(env or {})})
+    t0 = time.perf_counter()
+    p = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=ROOT, env=e,
+                       capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    log.write_text(f"$ {script} {' '.join(args)}\n{p.stdout}\n--- stderr ---\n{p.stderr}")
+    if p.returncode:
+        sys.exit(f"{script} failed ({p.returncode}); see {log}")
+    print(f"  {script} {' '.join(args[:3])}... {secs:.0f}s", flush=True)
+    return p.stdout, secs
+
+
+def last_value(stdout: str, key: str) -> float:
+    hits = re.findall(rf"^{re.escape(key)} ([-+0-9.einf]+)\s*$", stdout, re.M)
+    if not hits:
+        raise SystemExit(f"no '{key} <value>' line in the output")
+    return float(hits[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--gbs", type=int, default=8)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--qat-lr", type=float, default=1e-5)
+    ap.add_argument("--conversations", type=int, default=128)
+    ap.add_argument("--synth-batch", type=int, default=16)
+    ap.add_argument("--answer-tokens", type=int, default=160)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--data", default=None, help="reuse this synthesized jsonl instead of synthesizing")
+    ap.add_argument("--json-out", default=None)
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    from post_training import hf
+    from post_training.config import EMBEDDED_MODEL
+
+    teacher = str(hf.conf_hf_dir(hf.load_conf(EMBEDDED_MODEL), None))
+    res: dict = {"steps": a.steps, "global_batch": a.gbs, "seq_length": a.seq_length,
+                 "tokens_per_run": a.steps * a.gbs * a.seq_length}
+    t_start = time.perf_counter()
+
+    # 3. synthesis: batch 1 on a few conversations, then the training set batched
+    n1 = max(4, a.synth_batch // 2)
+    synth = ["--max-new-tokens", str(a.answer_tokens), "--max-question-tokens", "48"]
+    out1, s1 = run("synthesize.sh", "--output", str(work / "synth_b1.jsonl"), "--num-conversations",
+                   str(n1), "--synth-batch-size", "1", *synth, log=logs / "synth_b1.log")
+    data = Path(a.data) if a.data else work / "synth.jsonl"
+    if not a.data:
+        outb, sb = run("synthesize.sh", "--output", str(data), "--num-conversations",
+                       str(a.conversations), "--synth-batch-size", str(a.synth_batch), *synth,
+                       log=logs / "synth.log")
+        res["synthesis"] = {"batch1": {"conversations": n1, "seconds": s1},
+                            "batched": {"batch": a.synth_batch, "conversations": a.conversations,
+                                        "seconds": sb}}
+    kept = sum(1 for _ in data.open())
+    res["data"] = {"file": str(data), "conversations": kept}
+
+    def ppl(tag: str, *src: str) -> float:
+        out, _ = run("evaluate.sh", *src, "--seq-length", "512", "--eval-max-chunks",
+                     str(a.eval_windows), log=logs / f"eval_{tag}.log")
+        value = last_value(out, "perplexity")
+        print(f"  perplexity[{tag}] = {value:.3f}", flush=True)
+        return value
+
+    train = ["--train-iters", str(a.steps), "--global-batch-size", str(a.gbs), "--micro-batch-size",
+             str(a.mbs), "--seq-length", str(a.seq_length), "--finetune-data-files", str(data),
+             "--lr-warmup-iters", str(max(1, a.steps // 10)), "--eval-interval", "0",
+             "--log-interval", "5", "--no-progress", "--finetune"]
+
+    def fit(tag: str, script: str, load: Path, lr: float, *extra: str) -> float:
+        save = work / tag
+        run(script, "--load", str(load), "--save", str(save), "--lr", str(lr), "--min-lr",
+            str(lr / 10), "--log-file", str(work / f"{tag}.jsonl"), *train, *extra,
+            log=logs / f"{tag}.log")
+        return ppl(tag, "--load", str(save))
+
+    kd = ["--export-kd-teacher-load", teacher]
+    res["ppl_teacher"] = ppl("teacher")
+    # 1. depth pruning, LM loss vs logits KD
+    pruned = work / "pruned"
+    run("prune.sh", "--prune-export-config", '{"num_layers": 15}', "--save", str(pruned),
+        log=logs / "prune.log")
+    res["ppl_pruned"] = ppl("pruned", "--load", str(pruned))
+    res["ppl_pruned_lm"] = fit("pruned_lm", "finetune.sh", pruned, a.lr)
+    res["ppl_pruned_kd"] = fit("pruned_kd", "distill.sh", pruned, a.lr, *kd)
+    gap = res["ppl_pruned"] - res["ppl_teacher"]
+    res["gap_closed_lm"] = (res["ppl_pruned"] - res["ppl_pruned_lm"]) / gap
+    res["gap_closed_kd"] = (res["ppl_pruned"] - res["ppl_pruned_kd"]) / gap
+    # 2. INT4-AWQ: PTQ vs QAT vs QAD
+    awq = work / "awq"
+    run("quantize.sh", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
+        "--calib-dataset", "builtin-chat", "--calib-size", "28", "--calib-seq-length", "256",
+        log=logs / "quantize.log")
+    res["ppl_awq"] = ppl("awq", "--load", str(awq))
+    res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr)
+    res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd)
+    loss = res["ppl_awq"] - res["ppl_teacher"]
+    res["ptq_loss_recovered_qat"] = (res["ppl_awq"] - res["ppl_qat"]) / loss
+    res["ptq_loss_recovered_qad"] = (res["ppl_awq"] - res["ppl_qad"]) / loss
+    res["minutes"] = round((time.perf_counter() - t_start) / 60, 1)
+    plot(work, res)
+    table(res)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=1))
+
+
+def plot(work: Path, res: dict) -> None:
+    """Loss curves (training loss per logged iteration) of each pair of runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, pair, title in ((axes[0], ("pruned_lm", "pruned_kd"), "pruned 30->15 layers"),
+                            (axes[1], ("qat", "qad"), "INT4-AWQ")):
+        for tag in pair:
+            f = work / f"{tag}.jsonl"
+            if not f.exists():
+                continue
+            rows = [json.loads(l) for l in f.open() if l.strip()]
+            rows = [r for r in rows if r.get("split", "train") == "train" and "iteration" in r]
+            for term in ("lm loss", "logits distillation loss"):
+                pts = [(r["iteration"], r[term]) for r in rows if term in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=f"{tag}: {term}")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = work / "distill_recipes_loss.png"
+    fig.savefig(out, dpi=100)
+    res["plot"] = str(out)
+
+
+def table(r: dict) -> None:
+    print(f"\n{r['steps']} steps x {r['global_batch']} sequences x {r['seq_length']} tokens "
+          f"({r['tokens_per_run']} tokens per run), {r['data']['conversations']} synthesized chats; "
+          f"{r['minutes']} min in all")
+    print("| model | perplexity | share of the gap closed |\n|---|---|---|")
+    print(f"| teacher (SmolLM2-135M, 30 layers) | {r['ppl_teacher']:.3f} | |")
+    print(f"| pruned to 15 layers | {r['ppl_pruned']:.3f} | 0 |")
+    print(f"| + LM loss only | {r['ppl_pruned_lm']:.3f} | {r['gap_closed_lm']:.1%} |")
+    print(f"| + logits KD | {r['ppl_pruned_kd']:.3f} | {r['gap_closed_kd']:.1%} "
+          f"({r['gap_closed_kd'] / max(r['gap_closed_lm'], 1e-9):.2f}x LM) |")
+    print(f"| INT4-AWQ PTQ | {r['ppl_awq']:.3f} | 0 |")
+    print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%} |")
+    print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%} |")
+    s = r.get("synthesis")
+    if s:
+        b1 = s["batch1"]["conversations"] / s["batch1"]["seconds"]
+        bb = s["batched"]["conversations"] / s["batched"]["seconds"]
+        print(f"synthesis (script wall time, model load included): batch 1 {b1:.3f} conv/s, "
+              f"batch {s['batched']['batch']} {bb:.3f} conv/s ({bb / b1:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
