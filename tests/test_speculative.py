@@ -2,6 +2,7 @@
 token; sampling in distribution), acceptance bookkeeping, stop ids and the token budget, the
 drafters, and the refusals. The TP=2 / PP=2 runs live in the shared launches (test_multirank)."""
 import json
+import re
 import shutil
 
 import pytest
@@ -225,3 +226,23 @@ def test_tp2_and_pp2_match_tp1(layout, request, tiny):
     assert res["plain"] == res["ngram"]["tokens"] == res["model"]["tokens"] == ref
     assert sum(res["ngram"]["accepted"]) > 0 and sum(res["model"]["accepted"]) >= 3 * len(res["model"]["accepted"]) - 2
     assert len(res["sampled"]) == 16
+
+
+def test_generate_entry_point_drafts_and_refuses(tiny_llama, runtime, tmp_path, capsys):
+    """generate.sh's entry point with --draft ngram answers exactly as without it and reports
+    tok/s, target steps and AL; what it cannot honour is refused before any model loads."""
+    from post_training.cli import generate as cli
+
+    base = ["--pretrained-model-path", str(tiny_llama), "--max-new-tokens", "12"]
+    assert cli.main(base + ["--json-out", str(tmp_path / "plain.json")]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--draft", "ngram", "--draft-steps", "2", "--json-out", str(tmp_path / "spec.json")]) == 0
+    out = capsys.readouterr().out
+    plain, spec = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "spec.json"))
+    assert [r["tokens"] for r in plain] == [r["tokens"] for r in spec]
+    assert "target steps, AL" in out and "speculative (ngram, K=2):" in out
+    for extra, needle in ((["--draft", "eagle"], "needs a trained draft head (scripts/eagle3.sh)"),
+                          (["--draft", "model", "--draft-model-path", str(tiny_llama),
+                            "--transformer-impl", "transformer_engine"], "--draft needs the local layer spec")):
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            cli.main(base + extra + ["--preflight"])

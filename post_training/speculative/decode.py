@@ -161,7 +161,7 @@ def speculative_generate(model, prompt_ids: list[int], drafter, gcfg: GenerateCo
             buf.zero_()
             if logits is not None:
                 new = verify(logits[0, -(len(draft) + 1):], draft, gcfg, gen,
-                             probs[-len(draft):] if probs is not None else None)
+                             probs[:len(draft)] if probs is not None else None)
                 buf[0] = len(new)
                 buf[1:len(new) + 1] = torch.tensor(new, dtype=torch.long)
             broadcast_from_last_stage(buf)
