@@ -35,10 +35,6 @@ def check(args) -> None:
         check_distill_inputs(args.distill)
         if args.loop.lora_rank:
             raise UsageError("--lora-rank with distillation is not supported: train the full student")
-        if args.runtime.pp > 1 and args.batch.micro_batch_size > 1:
-            # the teacher's activations travel with the student's between stages, in shapes
-            # set up for one sequence per microbatch
-            raise UsageError("distillation at PP > 1 needs --micro-batch-size 1")
 
 
 def main(argv: list[str]) -> int:
