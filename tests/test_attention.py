@@ -66,12 +66,13 @@ def test_arbitrary_mask(attn):
 
 def test_causal_type_honours_a_given_mask(attn):
     """Megatron's local spec builds causal attention but passes the batch's attention mask
-    down (packed documents in training): the mask applies, and the result stays causal."""
+    down (packed documents in training): a given mask is the whole mask, causality included,
+    as in megatron's softmax (chat_data.packed_attention_mask is block-diagonal and causal)."""
     q, k, v = qkv(6, 6)
     docs = torch.tensor([0, 0, 0, 1, 1, 1])
-    masked_out = (docs[:, None] != docs[None, :]).expand(2, 1, 6, 6)
+    allowed = (docs[:, None] == docs[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    masked_out = (~allowed).expand(2, 1, 6, 6)
     out = attn(AttnMaskType.causal)(q, k, v, masked_out)
-    allowed = ~masked_out & torch.ones(6, 6, dtype=torch.bool).tril()
     torch.testing.assert_close(out, reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
     plain = attn(AttnMaskType.causal)(q, k, v, None)
     assert (out - plain).abs().max() > 1e-3

@@ -90,10 +90,10 @@ def main() -> None:
         mine["loop"] = loop.run(a.hf_dir, rt, iters=6, eval_interval=3)  # same on every rank
     if a.spec:
         mine["spec"] = spec.run(a.hf_dir, rt)
-    for item in a.save:
-        name, _, target = item.partition("=")
     if a.batched:
         mine["batched"] = batched_gen.run(a.hf_dir, rt)
+    for item in a.save:
+        name, _, target = item.partition("=")
         root, _, quant = target.partition(":")
         model = ckpt.build(rt, a.hf_dir, quantize=quant or None)
         ckpt.save(model, rt, root, 10, a.hf_dir)
