@@ -2,7 +2,8 @@
 (:mod:`.fast_layer`): megatron-core's own forward formulas without its dispatch around them.
 
 Each computes what the megatron function it names computes, with the same ops in the same
-order, so results are bit-identical (tests/test_runtime.py). Functions that cannot reproduce a
+order, so results are bit-identical (tests/test_runtime.py); the one exception, small-row
+fp32 products in :func:`linear`, is documented there. Functions that cannot reproduce a
 variant return ``NotImplemented`` and the caller runs megatron's code. Nothing here patches
 anything; this module does not import megatron-core at import time.
 """
@@ -93,11 +94,35 @@ def add_bias_residual_(x, bias, residual):
     return x.add_(residual if residual.dtype == x.dtype else residual.to(x.dtype))
 
 
+# Row counts of a decode step, a speculative verify of K + 1 tokens, or a small batch.
+SMALL_ROWS = 8
+# Weights above this many elements (8 MB in fp32: past the cache, read once per call).
+SMALL_ROWS_MIN_WEIGHT = 1 << 21
+
+
 def linear(x, weight, bias=None):
     """The forward of megatron's ``LinearWithFrozenWeight``: ``x @ W.T`` then ``+ b``.
     F.linear == matmul(x, W.t()) bit for bit on CPU (checked on SmolLM2's shapes), one op
-    fewer; the bias is added separately, as megatron does (a fused addmm can round otherwise)."""
-    out = F.linear(x, weight)
+    fewer; the bias is added separately, as megatron does (a fused addmm can round otherwise).
+
+    Documented deviation: for 2..SMALL_ROWS input rows, a large weight and fp32 on CPU, the
+    product is taken as ``(W @ x.T).T``. MKL's GEMM for ``x @ W.T`` with 2-4 rows is a slow case
+    (SmolLM2's 49152 x 576 output layer, one thread: 38 / 53 ms for 2 / 3 rows against 16 ms
+    for one), which made a speculative verify of K + 1 tokens cost 2-3 decode steps; the
+    transposed product reads W once (~10 ms for 1-4 rows). It sums in another order, so it
+    matches F.linear to fp32 rounding (|diff| <= 1e-5 * (1 + |y|), tests/test_runtime.py), not
+    bit for bit. One row (a decode step) and more than SMALL_ROWS rows (a prefill) stay on
+    F.linear, so plain decoding and prefill are unchanged. Greedy speculative decoding was never
+    bitwise across row counts (F.linear with k rows does not reproduce k one-row calls either;
+    nor do the layers' other GEMMs and attention), so its losslessness already meant: the same
+    argmax up to fp32 rounding of near-ties (tests/test_speculative.py)."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if (1 < rows <= SMALL_ROWS and weight.dim() == 2 and weight.numel() >= SMALL_ROWS_MIN_WEIGHT
+            and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"):
+        out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+        out = out.view(*x.shape[:-1], weight.shape[0])
+    else:
+        out = F.linear(x, weight)
     return out + bias if bias is not None else out
 
 
