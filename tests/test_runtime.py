@@ -237,3 +237,28 @@ def test_rope_table_is_computed_on_one_thread_and_threads_restored(runtime):
     assert torch.equal(cos, torch.cos(freqs))
     assert torch.equal(signed_sin[..., 32:], torch.sin(freqs)[..., 32:])
     assert torch.equal(signed_sin[..., :32], -torch.sin(freqs)[..., :32])
+
+
+def test_small_row_linear_is_f_linear_up_to_fp32_rounding():
+    """kernels.linear: one row (decode) and more than SMALL_ROWS rows (prefill) are F.linear bit
+    for bit; 2..SMALL_ROWS rows in fp32 (a speculative verify) take the transposed product,
+    equal to F.linear within fp32 rounding; bf16 keeps F.linear at every row count."""
+    import torch.nn.functional as F
+
+    from post_training.runtime import kernels
+
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(4096, 576, generator=g) * 0.05
+    bias = torch.randn(4096, generator=g)
+    with torch.inference_mode():
+        for rows in range(1, kernels.SMALL_ROWS + 3):
+            x = torch.randn(rows, 1, 576, generator=g)
+            ref, out = F.linear(x, big) + bias, kernels.linear(x, big, bias)
+            assert out.shape == ref.shape and out.is_contiguous()
+            if rows == 1 or rows > kernels.SMALL_ROWS:
+                assert torch.equal(out, ref), rows
+            else:
+                assert torch.equal(out, torch.mm(big, x[:, 0].t()).t()[:, None] + bias), rows
+                assert ((out - ref).abs() <= 1e-5 * (1 + ref.abs())).all(), rows
+            xb, wb = x.bfloat16(), big.bfloat16()
+            assert torch.equal(kernels.linear(xb, wb), F.linear(xb, wb))

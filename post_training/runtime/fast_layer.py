@@ -17,7 +17,8 @@ with one shared table and identity q/k norms, q and k are rotated in one element
 Linear layers of megatron's exact classes without hooks are called as ``F.linear`` (+ the
 TP reduce for row-parallel); any other module (ModelOpt-quantized linears, a quantized core
 attention, hooks for calibration) goes through its own ``__call__``. The logits equal those
-of megatron's layer with the other fast paths, bit for bit (tests/test_runtime.py). The
+of megatron's layer with the other fast paths, bit for bit (tests/test_runtime.py); both use
+``kernels.linear``, whose 2..8-row fp32 product is fp32-close, not bitwise. The
 fast-path registry entries that route megatron's forwards here are in :mod:`.fastpath`.
 """
 from __future__ import annotations

@@ -7,7 +7,8 @@ autograd ``Function`` shells and redundant work at these sites and compute the s
 (the kernels are in :mod:`.kernels`):
 
 * ``tensor_parallel.layers.linear_with_frozen_weight``  -> ``F.linear(x, W) (+ b)``, the
-  forward of ``LinearWithFrozenWeight`` (not with sequence parallelism);
+  forward of ``LinearWithFrozenWeight`` (not with sequence parallelism); for 2..8 fp32 rows
+  ``(W @ x.T).T``, equal to fp32 rounding, not bitwise (``kernels.linear``);
 * ``tensor_parallel.layers.copy_to_tensor_model_parallel_region`` -> identity (its forward);
 * ``tensor_parallel.layers.reduce_from_tensor_model_parallel_region`` -> ``mappings._reduce``;
 * ``rope_utils._apply_rotary_pos_emb_bshd`` -> the same formula, with cos/sin computed once
@@ -94,7 +95,8 @@ _SITES = [  # (name, site, recorded signature, fast implementation, what it comp
      "Optional[List[torch.Tensor]] = None, wgrad_deferral_limit: None = None, "
      "async_grad_allreduce: Optional[bool] = None) -> torch.Tensor",
      _linear_frozen, "F.linear(x, W) (+ b), the forward of LinearWithFrozenWeight without its "
-                     "autograd Function (not with sequence parallelism)"),
+                     "autograd Function (not with sequence parallelism); 2..8 fp32 rows as"
+                     " (W @ x.T).T, equal to fp32 rounding (kernels.linear)"),
     ("fast_copy_to_tp", f"{_TP}:copy_to_tensor_model_parallel_region", "(input_, group=None)",
      _copy_to_tp, "identity, its forward, without the autograd Function"),
     ("fast_reduce_from_tp", f"{_TP}:reduce_from_tensor_model_parallel_region", "(input_, group=None)",

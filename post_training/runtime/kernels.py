@@ -2,7 +2,8 @@
 (:mod:`.fast_layer`): megatron-core's own forward formulas without its dispatch around them.
 
 Each computes what the megatron function it names computes, with the same ops in the same
-order, so results are bit-identical (tests/test_runtime.py). Functions that cannot reproduce a
+order, so results are bit-identical (tests/test_runtime.py); the one exception, small-row
+fp32 products in :func:`linear`, is documented there. Functions that cannot reproduce a
 variant return ``NotImplemented`` and the caller runs megatron's code. Nothing here patches
 anything; this module does not import megatron-core at import time.
 """
@@ -93,11 +94,35 @@ def add_bias_residual_(x, bias, residual):
     return x.add_(residual if residual.dtype == x.dtype else residual.to(x.dtype))
 
 
+# Row counts of a speculative verify of K + 1 tokens or a small batch's decode step.
+SMALL_ROWS = 8
+
+
 def linear(x, weight, bias=None):
     """The forward of megatron's ``LinearWithFrozenWeight``: ``x @ W.T`` then ``+ b``.
     F.linear == matmul(x, W.t()) bit for bit on CPU (checked on SmolLM2's shapes), one op
-    fewer; the bias is added separately, as megatron does (a fused addmm can round otherwise)."""
-    out = F.linear(x, weight)
+    fewer; the bias is added separately, as megatron does (a fused addmm can round otherwise).
+
+    Documented deviation: for 2..SMALL_ROWS input rows in fp32 on CPU the product is taken as
+    ``(W @ x.T).T``. MKL's GEMM for ``x @ W.T`` with 2-4 rows is a slow case here: in a SmolLM2
+    step (weights cold in cache) fc1 with 3 rows took 1.7 ms against 0.7 ms for one, the
+    49152 x 576 output layer 38 / 53 ms for 2 / 3 rows against 16 ms, so a speculative verify of
+    K + 1 tokens cost 1.5-2.2 decode steps; with the transposed product (W read once) it costs
+    0.8-1.1 (benchmarks/RESULTS.md). It sums in another order, so it matches F.linear to fp32
+    rounding (|diff| <= 1e-5 * (1 + |y|), tests/test_runtime.py), not bit for bit. One row (a
+    decode step) and more than SMALL_ROWS rows (a prefill) stay on F.linear: plain decoding and
+    prefill are unchanged. Greedy speculative decoding was never bitwise across row counts
+    (F.linear with k rows does not reproduce k one-row calls; nor does attention over k
+    queries), so its losslessness already meant: the same argmax up to fp32 rounding of
+    near-ties (tests/test_speculative.py).
+    """
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if (1 < rows <= SMALL_ROWS and weight.dim() == 2 and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu"):
+        out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+        out = out.view(*x.shape[:-1], weight.shape[0])
+    else:
+        out = F.linear(x, weight)
     return out + bias if bias is not None else out
 
 
