@@ -91,10 +91,10 @@ def main() -> None:
 
     n1 = max(4, a.synth_batch // 2)
     synth = ["--max-new-tokens", str(a.answer_tokens), "--max-question-tokens", "48"]
-    out1, _ = run("synthesize.sh", "--output", str(work / "synth_b1.jsonl"), "--num-conversations",
-                  str(n1), "--synth-batch-size", "1", *synth, log=logs / "synth_b1.log")
     data = Path(a.data) if a.data else work / "synth.jsonl"
     if not a.data:
+        out1, _ = run("synthesize.sh", "--output", str(work / "synth_b1.jsonl"), "--num-conversations",
+                      str(n1), "--synth-batch-size", "1", *synth, log=logs / "synth_b1.log")
         outb, _ = run("synthesize.sh", "--output", str(data), "--num-conversations",
                       str(a.conversations), "--synth-batch-size", str(a.synth_batch), *synth,
                       log=logs / "synth.log")
