@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--data", default=None, help="reuse this synthesized jsonl instead of synthesizing")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--parts", default="prune,quant", help="prune (item 1), quant (item 2)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -123,7 +125,21 @@ def main() -> None:
 
     kd = ["--export-kd-teacher-load", teacher]
     res["ppl_teacher"] = ppl("teacher")
+    parts = a.parts.split(",")
     # 1. depth pruning, LM loss vs logits KD
+    if "prune" in parts:
+        prune_part(a, res, work, logs, ppl, fit, kd)
+    # 2. INT4-AWQ: PTQ vs QAT vs QAD
+    if "quant" in parts:
+        quant_part(a, res, work, logs, ppl, fit, kd)
+    res["minutes"] = round((time.perf_counter() - t_start) / 60, 1)
+    plot(work, res)
+    table(res)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=1))
+
+
+def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
     pruned = work / "pruned"
     run("prune.sh", "--prune-export-config", '{"num_layers": 15}', "--save", str(pruned),
         log=logs / "prune.log")
@@ -133,11 +149,18 @@ def main() -> None:
     gap = res["ppl_pruned"] - res["ppl_teacher"]
     res["gap_closed_lm"] = (res["ppl_pruned"] - res["ppl_pruned_lm"]) / gap
     res["gap_closed_kd"] = (res["ppl_pruned"] - res["ppl_pruned_kd"]) / gap
+    # in log-perplexity (nats per token): a pruned model that starts thousands of perplexity
+    # points away makes any training close ~all of the linear gap; the log gap still separates
+    lg = math.log(res["ppl_pruned"] / res["ppl_teacher"])
+    res["log_gap_closed_lm"] = math.log(res["ppl_pruned"] / res["ppl_pruned_lm"]) / lg
+    res["log_gap_closed_kd"] = math.log(res["ppl_pruned"] / res["ppl_pruned_kd"]) / lg
     res["remaining_gap_lm_over_kd"] = ((res["ppl_pruned_lm"] - res["ppl_teacher"])
                                        / max(res["ppl_pruned_kd"] - res["ppl_teacher"], 1e-9))
-    # 2. INT4-AWQ: PTQ vs QAT vs QAD
+
+
+def quant_part(a, res, work, logs, ppl, fit, kd) -> None:
     awq = work / "awq"
-    run("quantize.sh", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
+    run("quantize.sh", "--export-quant-cfg", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
         "--calib-dataset", "builtin-chat", "--calib-size", "28", "--calib-seq-length", "256",
         log=logs / "quantize.log")
     res["ppl_awq"] = ppl("awq", "--load", str(awq))
@@ -146,11 +169,6 @@ def main() -> None:
     loss = res["ppl_awq"] - res["ppl_teacher"]
     res["ptq_loss_recovered_qat"] = (res["ppl_awq"] - res["ppl_qat"]) / loss
     res["ptq_loss_recovered_qad"] = (res["ppl_awq"] - res["ppl_qad"]) / loss
-    res["minutes"] = round((time.perf_counter() - t_start) / 60, 1)
-    plot(work, res)
-    table(res)
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(res, indent=1))
 
 
 def plot(work: Path, res: dict) -> None:
@@ -184,24 +202,28 @@ def plot(work: Path, res: dict) -> None:
 
 def table(r: dict) -> None:
     print(f"\n{r['steps']} steps x {r['global_batch']} sequences x {r['seq_length']} tokens "
-          f"({r['tokens_per_run']} tokens per run), {r['data']['conversations']} synthesized chats; "
+          f"({r['tokens_per_run']} tokens per run), {r['data']['conversations']} chats ({Path(r['data']['file']).name}); "
           f"{r['minutes']} min in all")
-    print("| model | perplexity | share of the gap closed |\n|---|---|---|")
+    print("| model | perplexity | share of the gap closed (perplexity; log-perplexity) |\n|---|---|---|")
     print(f"| teacher (SmolLM2-135M, 30 layers) | {r['ppl_teacher']:.3f} | |")
-    print(f"| pruned to 15 layers | {r['ppl_pruned']:.3f} | 0 |")
-    print(f"| + LM loss only | {r['ppl_pruned_lm']:.3f} | {r['gap_closed_lm']:.1%} |")
-    print(f"| + logits KD | {r['ppl_pruned_kd']:.3f} | {r['gap_closed_kd']:.1%} "
-          f"({r['gap_closed_kd'] / max(r['gap_closed_lm'], 1e-9):.2f}x LM; gap left: LM "
-          f"{r['remaining_gap_lm_over_kd']:.2f}x KD's) |")
-    print(f"| INT4-AWQ PTQ | {r['ppl_awq']:.3f} | 0 |")
-    print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%} |")
-    print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%} |")
+    if "ppl_pruned" in r:
+        print(f"| pruned to 15 layers | {r['ppl_pruned']:.3f} | 0 |")
+        print(f"| + LM loss only | {r['ppl_pruned_lm']:.3f} | {r['gap_closed_lm']:.1%}; {r['log_gap_closed_lm']:.1%} |")
+        print(f"| + logits KD | {r['ppl_pruned_kd']:.3f} | {r['gap_closed_kd']:.1%}; {r['log_gap_closed_kd']:.1%} "
+              f"({r['gap_closed_kd'] / max(r['gap_closed_lm'], 1e-9):.2f}x LM; log: "
+              f"{r['log_gap_closed_kd'] / max(r['log_gap_closed_lm'], 1e-9):.2f}x LM; gap left: LM "
+              f"{r['remaining_gap_lm_over_kd']:.2f}x KD's) |")
+    if "ppl_awq" in r:
+        print(f"| INT4-AWQ PTQ | {r['ppl_awq']:.3f} | 0 |")
+        print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%} |")
+        print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%} |")
     s = r.get("synthesis")
     if s:
         b1, bb = s["batch1"], s["batched"]
         print(f"| synthesis, batch 1 | {b1['seq_per_s']:.3f} seq/s, {b1['tok_per_s']:.1f} tok/s | |")
         print(f"| synthesis, batch {bb['batch']} | {bb['seq_per_s']:.3f} seq/s, {bb['tok_per_s']:.1f} tok/s "
               f"| {bb['tok_per_s'] / b1['tok_per_s']:.1f}x batch 1 |")
+
 
 if __name__ == "__main__":
     main()
