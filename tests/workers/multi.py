@@ -37,6 +37,15 @@ import train
 from post_training.runtime import ParallelConfig, destroy_runtime, init_runtime
 
 
+def same_on_every_rank(out):
+    """``out``, after checking that every rank computed the same."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    if any(g != out for g in gathered):
+        raise AssertionError(f"ranks disagree: {gathered}")
+    return out
+
+
 def acceptance(hf_dir: str, rt) -> dict:
     from post_training.config import ModelConfig, SourceConfig
     from post_training.hf import load_tokenizer
@@ -47,11 +56,7 @@ def acceptance(hf_dir: str, rt) -> dict:
     model, tok, _ = setup_model(SourceConfig(pretrained_model_path=hf_dir), ModelConfig(), rt)
     out = report_draft_acceptance_length(model, load_tokenizer(hf_dir), NgramDrafter(3), osl=8,
                                          draft_steps=3)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, out)
-    if any(g != out for g in gathered):
-        raise AssertionError(f"ranks disagree: {gathered}")
-    return out
+    return same_on_every_rank(out)
 
 
 def main() -> None:
@@ -80,12 +85,7 @@ def main() -> None:
     if a.forward:
         mine["forward"] = forward.run(a.hf_dir, rt, kv=a.kv)
     if a.train:
-        out = train.run(a.hf_dir, rt)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, out)
-        if any(g != out for g in gathered):
-            raise AssertionError(f"ranks disagree: {gathered}")
-        mine["train"] = out
+        mine["train"] = same_on_every_rank(train.run(a.hf_dir, rt))
     if a.loop:
         mine["loop"] = loop.run(a.hf_dir, rt, iters=6, eval_interval=3)  # same on every rank
     if a.spec:
@@ -125,11 +125,7 @@ def _distill(a, rt) -> dict:
     out = distill.run(a.hf_dir, a.distill, rt, kd_cfg=a.kd_cfg)
     out = {"losses": out["losses"], "grad_norm": out["grad_norm"],
            "layout": (rt.tp, rt.pp, ps.get_data_parallel_world_size())}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, out)
-    if any(g != out for g in gathered):
-        raise AssertionError(f"ranks disagree: {gathered}")
-    return out
+    return same_on_every_rank(out)
 
 
 def prune(rt, hf_dir: str, root: str) -> dict | None:
