@@ -71,16 +71,23 @@ def load_prompts(path: str | None) -> list[Prompt]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def _load_jsonl(p: Path) -> list[Prompt]:
-    # Validate line by line first: datasets' errors on bad JSON are long tracebacks.
+def json_lines(text: str, where: str) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a jsonl text; a line that is not JSON is
+    one error naming it (``where``: "prompts file F"). Callers check lines this way before
+    handing a file to datasets, whose errors on bad JSON are long tracebacks without the line."""
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise UsageError(f"prompts file {p} line {n} is not valid JSON: {e.msg}") from None
+            raise UsageError(f"{where} line {n} is not valid JSON: {e.msg}") from None
+    return rows
+
+
+def _load_jsonl(p: Path) -> list[Prompt]:
+    rows = [row for _, row in json_lines(p.read_text(encoding="utf-8"), f"prompts file {p}")]
     if all(isinstance(r, dict) for r in rows):
         import datasets
 

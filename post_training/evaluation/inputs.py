@@ -30,12 +30,11 @@ File formats:
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from post_training.config import EvalConfig
-from post_training.data import builtin_text, load_dataset, read_user_text, token_chunks
+from post_training.data import builtin_text, json_lines, load_dataset, read_user_text, token_chunks
 from post_training.utils import UsageError
 
 # ----------------------------------------------------------------------------- text
@@ -169,13 +168,7 @@ def load_questions(path: str | Path) -> list[Question]:
     p, text = read_user_text(path, "MMLU file", encoding="utf-8-sig")
     if p.suffix.lower() == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"MMLU file {p} line {n} is not valid JSON: {e.msg}") from None
+        for n, row in json_lines(text, f"MMLU file {p}"):
             if not isinstance(row, dict):
                 raise UsageError(f"MMLU file {p} line {n}: expected a JSON object")
             rows.append((row, f"MMLU file {p} line {n}"))

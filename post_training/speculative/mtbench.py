@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from post_training.config.speculative import BUILTIN_PROMPTS, MTBENCH_CATEGORIES
+from post_training.data import json_lines
 from post_training.utils import UsageError
 
 __all__ = ["MTBenchPrompt", "BUILTIN_PATH", "load_mtbench", "select_prompts", "turn_messages",
@@ -72,13 +73,7 @@ def _row_prompt(row, where: str, n: int) -> MTBenchPrompt:
 
 def _check_json_lines(p: Path) -> None:
     # datasets reports a bad line as a long traceback without the line number: check first.
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"prompt file {p} line {n} is not valid JSON: {e.msg}") from None
+    for n, row in json_lines(p.read_text(encoding="utf-8"), f"prompt file {p}"):
         _row_prompt(row, f"prompt file {p} line {n}", n)
 
 
