@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -29,19 +30,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+CPU_SECONDS: dict[str, float] = {}  # script log name -> CPU seconds its processes used
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run(script: str, *args: str, log: Path, env: dict | None = None) -> tuple[str, float]:
-    """Run scripts/<script> with TP=PP=1; stdout+stderr to ``log``; returns (stdout, seconds)."""
+    """Run scripts/<script> with TP=PP=1; stdout+stderr to ``log``; returns (stdout, seconds).
+    The CPU time of each run is kept too: on a shared machine wall time says little, while CPU
+    seconds / 2 is what the run takes alone on the 2 cores it uses."""
     e = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "MLM_MODEL_CKPT",
                                                            "MLM_MODEL_SAVE", "HF_MODEL_CKPT")}
     e.update({"TP": "1", "PP": "1", **(env or {})})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), children_cpu()
     p = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=ROOT, env=e,
                        capture_output=True, text=True)
     secs = time.perf_counter() - t0
+    CPU_SECONDS[log.stem] = children_cpu() - c0
     log.write_text(f"$ {script} {' '.join(args)}\n{p.stdout}\n--- stderr ---\n{p.stderr}")
     if p.returncode:
         sys.exit(f"{script} failed ({p.returncode}); see {log}")
-    print(f"  {script} {' '.join(args[:3])}... {secs:.0f}s", flush=True)
+    print(f"  {script} {' '.join(args[:3])}... {secs:.0f}s wall, {CPU_SECONDS[log.stem]:.0f}s CPU", flush=True)
     return p.stdout, secs
 
 
@@ -133,6 +145,8 @@ def main() -> None:
     if "quant" in parts:
         quant_part(a, res, work, logs, ppl, fit, kd)
     res["minutes"] = round((time.perf_counter() - t_start) / 60, 1)
+    res["cpu_seconds"] = {k: round(v, 1) for k, v in CPU_SECONDS.items()}
+    res["cpu_minutes_total"] = round(sum(CPU_SECONDS.values()) / 60, 1)
     plot(work, res)
     table(res)
     if a.json_out:
@@ -203,7 +217,8 @@ def plot(work: Path, res: dict) -> None:
 def table(r: dict) -> None:
     print(f"\n{r['steps']} steps x {r['global_batch']} sequences x {r['seq_length']} tokens "
           f"({r['tokens_per_run']} tokens per run), {r['data']['conversations']} chats ({Path(r['data']['file']).name}); "
-          f"{r['minutes']} min in all")
+          f"{r['minutes']} min wall in all, {r['cpu_minutes_total']} CPU-min "
+          f"(~{r['cpu_minutes_total'] / 2:.0f} min alone on 2 cores)")
     print("| model | perplexity | share of the gap closed (perplexity; log-perplexity) |\n|---|---|---|")
     print(f"| teacher (SmolLM2-135M, 30 layers) | {r['ppl_teacher']:.3f} | |")
     if "ppl_pruned" in r:

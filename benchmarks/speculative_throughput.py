@@ -5,7 +5,10 @@ model, and transformers' own prompt-lookup generation, on the same prompts, in o
         [--draft-steps 3] [--ngram-size 3] [--draft-layers 0-9] [--draft-model-path DIR]
 
 Target: the default SmolLM2-135M-Instruct, fp32, one process. Prompts (chat template applied):
-the first N of post_training/resources/chat_questions.txt (``--prompt-set chat``) or of four
+the project's offline MT-Bench-style set (``--prompt-set offline``, the default:
+post_training/resources/spec_prompts.jsonl, first turns, taken one category at a time so the
+first 8 cover all eight categories), the first N of post_training/resources/chat_questions.txt
+(``--prompt-set chat``) or of four
 built-in input-grounded requests (``grounded``: fix typos, add a docstring, renumber a list,
 repeat a sentence), where answers copy their prompt as prompt lookup expects. Each answer runs to --osl
 tokens (EOS ignored, so every method produces the same number of tokens; --stop-at-eos keeps
@@ -61,6 +64,17 @@ GROUNDED = [
 ]
 
 
+def offline_first_turns() -> list[str]:
+    """First turns of the offline prompt set, interleaved by category (one of each, then again)."""
+    from post_training.speculative.mtbench import load_mtbench
+
+    by_cat: dict[str, list[str]] = {}
+    for q in load_mtbench("builtin"):
+        by_cat.setdefault(q.category, []).append(q.turns[0])
+    rows = list(by_cat.values())
+    return [r[i] for i in range(max(map(len, rows))) for r in rows if i < len(r)]
+
+
 def truncated_draft(src: Path, layers: str, out_root: Path) -> Path:
     """An HF copy of ``src`` keeping the decoder layers ``layers`` ("0-5,27-29"), built once."""
     import torch
@@ -92,8 +106,9 @@ def truncated_draft(src: Path, layers: str, out_root: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-prompts", type=int, default=6)
-    ap.add_argument("--prompt-set", choices=("chat", "grounded"), default="chat",
-                    help="chat: chat_questions.txt; grounded: built-in edit / extract requests")
+    ap.add_argument("--prompt-set", choices=("offline", "chat", "grounded"), default="offline",
+                    help="offline: spec_prompts.jsonl (MT-Bench's categories, first turns); "
+                         "chat: chat_questions.txt; grounded: built-in edit / extract requests")
     ap.add_argument("--osl", type=int, default=128)
     ap.add_argument("--draft-steps", type=int, default=3)
     ap.add_argument("--ngram-size", type=int, default=3)
@@ -127,6 +142,8 @@ def main() -> None:
     questions = (Path(__file__).resolve().parents[1] / "post_training/resources/chat_questions.txt").read_text().splitlines()
     if a.prompt_set == "grounded":
         questions = GROUNDED
+    elif a.prompt_set == "offline":
+        questions = offline_first_turns()
     prompts = [render_prompt(q, tok) for q in questions if q.strip()][: a.num_prompts]
     stops = stop_token_ids(tok, hf_config) if a.stop_at_eos else []
     g = GenerateConfig(max_new_tokens=a.osl, stop_token_ids=stops)

@@ -108,6 +108,21 @@ def test_ngram_and_model_drafters_match_plain_greedy(tiny, tiny_llama, tmp_path_
         assert out == ref and all(d > 0 for d in st.drafted[:-1])
 
 
+def test_ngram_proposals():
+    """Longest suffix first, latest occurrence followed by k tokens; a match on the last token
+    alone proposes weak_match_tokens tokens."""
+    ctx = [1, 2, 3, 9, 9, 9, 1, 2, 3, 4, 5, 1, 2, 3]
+    assert NgramDrafter(3).propose(ctx, 2) == [4, 5]  # latest full match of [1, 2, 3]
+    assert NgramDrafter(3).propose(ctx, 3) == [4, 5, 1]
+    weak = [7, 8, 5, 6, 0, 1, 2, 5]  # only the last token (5) recurs
+    assert NgramDrafter(3).propose(weak, 3) == [6]
+    assert NgramDrafter(3, weak_match_tokens=3).propose(weak, 3) == [6, 0, 1]
+    assert NgramDrafter(3, min_ngram_size=2).propose(weak, 3) == []
+    assert NgramDrafter(3).propose([4, 5, 6], 3) == []
+    with pytest.raises(ValueError):
+        NgramDrafter(3, weak_match_tokens=0)
+
+
 def test_plain_draw_sequence_when_nothing_is_drafted(tiny):
     """Sampling without proposals draws exactly as generate does (same seed, same tokens)."""
     model, _, _ = tiny
