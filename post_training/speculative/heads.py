@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 from types import MethodType
 from typing import Any, Iterable
 
