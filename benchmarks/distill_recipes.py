@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--qat-lr", type=float, default=1e-5)
+    ap.add_argument("--quant-steps", type=int, default=None, help="QAT / QAD steps (default: --steps)")
     ap.add_argument("--conversations", type=int, default=128)
     ap.add_argument("--synth-batch", type=int, default=16)
     ap.add_argument("--answer-tokens", type=int, default=160)
@@ -123,15 +124,16 @@ def main() -> None:
         print(f"  perplexity[{tag}] = {value:.3f}", flush=True)
         return value
 
-    train = ["--train-iters", str(a.steps), "--global-batch-size", str(a.gbs), "--micro-batch-size",
-             str(a.mbs), "--seq-length", str(a.seq_length), "--finetune-data-files", str(data),
-             "--lr-warmup-iters", str(max(1, a.steps // 10)), "--eval-interval", "0",
-             "--log-interval", "5", "--no-progress", "--finetune"]
+    def train_args(steps: int) -> list[str]:
+        return ["--train-iters", str(steps), "--global-batch-size", str(a.gbs), "--micro-batch-size",
+                str(a.mbs), "--seq-length", str(a.seq_length), "--finetune-data-files", str(data),
+                "--lr-warmup-iters", str(max(1, steps // 10)), "--eval-interval", "0",
+                "--log-interval", "5", "--no-progress", "--finetune"]
 
-    def fit(tag: str, script: str, load: Path, lr: float, *extra: str) -> float:
+    def fit(tag: str, script: str, load: Path, lr: float, *extra: str, steps: int = a.steps) -> float:
         save = work / tag
         run(script, "--load", str(load), "--save", str(save), "--lr", str(lr), "--min-lr",
-            str(lr / 10), "--log-file", str(work / f"{tag}.jsonl"), *train, *extra,
+            str(lr / 10), "--log-file", str(work / f"{tag}.jsonl"), *train_args(steps), *extra,
             log=logs / f"{tag}.log")
         return ppl(tag, "--load", str(save))
 
@@ -178,11 +180,16 @@ def quant_part(a, res, work, logs, ppl, fit, kd) -> None:
         "--calib-dataset", "builtin-chat", "--calib-size", "28", "--calib-seq-length", "256",
         log=logs / "quantize.log")
     res["ppl_awq"] = ppl("awq", "--load", str(awq))
-    res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr)
-    res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd)
+    steps = a.quant_steps or a.steps
+    res["quant_steps"] = steps
+    res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr, steps=steps)
+    res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd, steps=steps)
     loss = res["ppl_awq"] - res["ppl_teacher"]
     res["ptq_loss_recovered_qat"] = (res["ppl_awq"] - res["ppl_qat"]) / loss
     res["ptq_loss_recovered_qad"] = (res["ppl_awq"] - res["ppl_qad"]) / loss
+    lg = math.log(res["ppl_awq"] / res["ppl_teacher"])
+    res["ptq_log_loss_recovered_qat"] = math.log(res["ppl_awq"] / res["ppl_qat"]) / lg
+    res["ptq_log_loss_recovered_qad"] = math.log(res["ppl_awq"] / res["ppl_qad"]) / lg
 
 
 def plot(work: Path, res: dict) -> None:
@@ -229,9 +236,9 @@ def table(r: dict) -> None:
               f"{r['log_gap_closed_kd'] / max(r['log_gap_closed_lm'], 1e-9):.2f}x LM; gap left: LM "
               f"{r['remaining_gap_lm_over_kd']:.2f}x KD's) |")
     if "ppl_awq" in r:
-        print(f"| INT4-AWQ PTQ | {r['ppl_awq']:.3f} | 0 |")
-        print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%} |")
-        print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%} |")
+        print(f"| INT4-AWQ PTQ (then {r['quant_steps']} steps each) | {r['ppl_awq']:.3f} | 0 |")
+        print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%}; {r['ptq_log_loss_recovered_qat']:.1%} |")
+        print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%}; {r['ptq_log_loss_recovered_qad']:.1%} |")
     s = r.get("synthesis")
     if s:
         b1, bb = s["batch1"], s["batched"]

@@ -221,6 +221,10 @@ def main() -> None:
     print(f"costs relative to one decode step (t1 = {t1 * 1e3:.1f} ms): verify v(k)/t1 "
           + ", ".join(f"k={k}: {v[k] / t1:.2f}" for k in range(2, K + 2))
           + (f"; draft-model step d/t1 = {d_model / t1:.2f}" if "model" in drafters else ""))
+    if "model" in drafters:  # where a draft model starts to pay: AL above its per-step cost
+        be = v[K + 1] / t1 + K * d_model / t1
+        print(f"draft model break-even: AL {be:.2f} at K={K} (v(K+1)/t1 + K*d/t1); the ideal AL "
+              f"K+1 = {K + 1} would give {(K + 1) / be:.2f}x")
     print(f"{'method':<18}{'tok/s':>8}{'vs plain':>10}{'AL':>7}{'steps':>7}{'predicted':>11}  identical")
     for name, (sec, outs, stats) in results.items():
         stats = stats or None
