@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     if dcfg.enabled:
         from post_training.speculative import build_drafter, speculative_generate
 
-        drafter = build_drafter(dcfg, tok, hf_config, rt, args.model)
+        drafter = build_drafter(dcfg, tok, hf_config, rt, args.model, target=model)
     results, totals = [], [0, 0, 0.0]  # tokens, target steps, seconds
     for i, (prompt, ids) in enumerate(zip(prompts, rendered)):
         t0 = time.perf_counter()

@@ -56,6 +56,39 @@ def broadcast_object_from_last_stage(obj: T) -> T:
     return box[0]
 
 
+def pp_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place: the sum of ``t`` over this rank's pipeline group (each stage fills its part,
+    zeros elsewhere, and every stage gets the whole)."""
+    if _initialized() and _pp_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def broadcast_from_first_stage(t: torch.Tensor) -> torch.Tensor:
+    """In place: every pipeline stage gets the first stage's ``t``."""
+    if _initialized() and _pp_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_first_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def tp_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The tensor-parallel shards of ``t`` (split along dim 0, e.g. a vocab-parallel weight)
+    concatenated in TP rank order, on every rank of the TP group."""
+    from megatron.core import parallel_state as ps
+
+    if not (_initialized() and ps.model_parallel_is_initialized()
+            and ps.get_tensor_model_parallel_world_size() > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=0)
+
+
 def dp_sum(t: torch.Tensor) -> torch.Tensor:
     """In place: the sum of ``t`` over the data-parallel group."""
     from megatron.core import parallel_state as ps
@@ -107,5 +140,5 @@ def rank0_then_share(fn: Callable[[], T]) -> T | None:
     return result
 
 
-__all__ = ["broadcast_from_last_stage", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
+__all__ = ["broadcast_from_first_stage", "broadcast_from_last_stage", "pp_sum", "tp_gather_rows", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
            "last_stage_dp_sum", "rank0_then_share"]

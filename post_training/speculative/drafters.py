@@ -170,8 +170,8 @@ def check_draft(cfg: DraftConfig, target_tok, target_hf_config: Any, tp: int = 1
     needs training first, a draft model of another tokenizer or vocabulary, or one the
     runtime's TP/PP cannot split (the draft runs at the target's layout)."""
     if cfg.draft in ("eagle", "medusa"):
-        raise UsageError(f"--draft {cfg.draft} needs a trained draft head (scripts/eagle3.sh); "
-                         "use --draft ngram or --draft model for now")
+        _check_head(cfg, target_hf_config)
+        return
     if cfg.draft != "model":
         return
     from post_training import hf
@@ -185,6 +185,30 @@ def check_draft(cfg: DraftConfig, target_tok, target_hf_config: Any, tp: int = 1
         hf.check_parallel(SimpleNamespace(**draft_hf), tp, pp)
     except UsageError as e:
         raise UsageError(f"draft model: {e} (it runs at the target's TP/PP)") from None
+
+
+def _target_field(target_hf_config: Any, name: str):
+    return (target_hf_config.get(name) if isinstance(target_hf_config, dict)
+            else getattr(target_hf_config, name, None))
+
+
+def _check_head(cfg: DraftConfig, target_hf_config: Any):
+    """An exported head directory for ``--draft eagle|medusa``, made for this target."""
+    from post_training.speculative.eagle_draft import check_head_for_target, read_head_config
+
+    if not cfg.draft_model_path:
+        raise UsageError(f"--draft {cfg.draft} needs a trained draft head: --draft-model-path DIR (an "
+                         "exported head, config.json + model.safetensors; scripts/export.sh writes "
+                         "<EXPORT_DIR>/eagle3_draft for a checkpoint with a head)")
+    hc = read_head_config(cfg.draft_model_path)
+    if (hc.kind == "medusa") != (cfg.draft == "medusa"):
+        raise UsageError(f"--draft {cfg.draft}: {cfg.draft_model_path} holds a {hc.kind} head")
+    if target_hf_config is not None:
+        check_head_for_target(hc, _target_field(target_hf_config, "hidden_size"),
+                              _target_field(target_hf_config, "vocab_size"),
+                              _target_field(target_hf_config, "num_hidden_layers"),
+                              where=f"draft head {cfg.draft_model_path}")
+    return hc
 
 
 def draft_hf_dir(cfg: DraftConfig) -> Path:
@@ -202,15 +226,23 @@ def _draft_source(cfg: DraftConfig):
 
 
 def build_drafter(cfg: DraftConfig, target_tokenizer, target_hf_config: Any = None, rt=None,
-                  mcfg=None) -> Drafter | None:
+                  mcfg=None, target=None) -> Drafter | None:
     """The drafter ``cfg`` names (None for ``--draft none``). The model drafter is built at the
     runtime's TP/PP (``rt``, every rank holds its shard and runs every draft step) with the
-    target's model settings (``mcfg``: dtype, seq length)."""
+    target's model settings (``mcfg``: dtype, seq length). A head (eagle, medusa) reads the
+    ``target`` model's embedding (and output layer when it has no lm_head of its own)."""
     if cfg.draft == "none":
         return None
     check_draft(cfg, target_tokenizer, target_hf_config, *((rt.tp, rt.pp) if rt is not None else (1, 1)))
     if cfg.draft == "ngram":
         return NgramDrafter(cfg.ngram_size)
+    if cfg.draft in ("eagle", "medusa"):
+        from post_training.speculative.eagle_draft import load_draft_head
+        from post_training.speculative.head_drafter import head_drafter
+
+        if target is None:
+            raise ValueError(f"--draft {cfg.draft} needs the target model to build the drafter")
+        return head_drafter(load_draft_head(cfg.draft_model_path), target)
     if rt is None or mcfg is None:
         raise ValueError("--draft model needs the runtime and the model config to build the draft")
     from post_training.model_builder import setup_model
