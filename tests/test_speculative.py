@@ -191,7 +191,7 @@ def test_refusals(tiny, tiny_llama, tmp_path):
     _, tok, hf_config = tiny
     with pytest.raises(UsageError, match="--draft-steps must be >= 1"):
         DraftConfig(draft="ngram", draft_steps=0)
-    with pytest.raises(UsageError, match=r"needs a trained draft head \(scripts/eagle3.sh\)"):
+    with pytest.raises(UsageError, match=r"--draft eagle needs a trained draft head: --draft-model-path DIR"):
         build_drafter(DraftConfig(draft="eagle"), tok, hf_config)
     assert build_drafter(DraftConfig(), tok, hf_config) is None
     # A draft of another vocabulary size, and one whose tokenizer maps ids differently.
@@ -241,7 +241,7 @@ def test_generate_entry_point_drafts_and_refuses(tiny_llama, runtime, tmp_path, 
     plain, spec = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "spec.json"))
     assert [r["tokens"] for r in plain] == [r["tokens"] for r in spec]
     assert "target steps, AL" in out and "speculative (ngram, K=2):" in out
-    for extra, needle in ((["--draft", "eagle"], "needs a trained draft head (scripts/eagle3.sh)"),
+    for extra, needle in ((["--draft", "eagle"], "--draft eagle needs a trained draft head: --draft-model-path DIR"),
                           (["--draft", "model", "--draft-model-path", str(tiny_llama),
                             "--transformer-impl", "transformer_engine"], "--draft needs the local layer spec")):
         with pytest.raises(UsageError, match=re.escape(needle)):

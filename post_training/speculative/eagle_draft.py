@@ -288,6 +288,13 @@ def check_layout(cfg: HeadConfig, state: dict[str, torch.Tensor], where: str) ->
     """Every tensor the config implies, with its shape; d2t consistent with the vocabularies."""
     if cfg.kind == "eagle3" and not cfg.aux_layer_ids:
         raise UsageError(f"{where}: an EAGLE-3 head without eagle_aux_hidden_state_layer_ids")
+    d2t = state.get("d2t")
+    if d2t is not None:
+        if d2t.numel() != cfg.draft_vocab_size:
+            raise UsageError(f"{where}: d2t has {d2t.numel()} entries, draft_vocab_size is {cfg.draft_vocab_size}")
+        t = torch.arange(d2t.numel()) + d2t.long()
+        if int(t.min()) < 0 or int(t.max()) >= cfg.vocab_size:
+            raise UsageError(f"{where}: d2t maps draft ids outside the target vocabulary (0..{cfg.vocab_size - 1})")
     for name, shape in _expected(cfg).items():
         if name not in state:
             raise UsageError(f"{where}: tensor {name} missing (a {cfg.kind} head)")
@@ -298,13 +305,6 @@ def check_layout(cfg: HeadConfig, state: dict[str, torch.Tensor], where: str) ->
                          f"is {cfg.draft_vocab_size}")
     if "fc.weight" in state and cfg.kind == "eagle1" and state["fc.weight"].shape != (cfg.hidden_size, 2 * cfg.hidden_size):
         raise UsageError(f"{where}: an EAGLE-1 fc must map 2h -> h, got {tuple(state['fc.weight'].shape)}")
-    d2t = state.get("d2t")
-    if d2t is not None:
-        if d2t.numel() != cfg.draft_vocab_size:
-            raise UsageError(f"{where}: d2t has {d2t.numel()} entries, draft_vocab_size is {cfg.draft_vocab_size}")
-        t = torch.arange(d2t.numel()) + d2t.long()
-        if int(t.min()) < 0 or int(t.max()) >= cfg.vocab_size:
-            raise UsageError(f"{where}: d2t maps draft ids outside the target vocabulary (0..{cfg.vocab_size - 1})")
 
 
 def check_head_for_target(cfg: HeadConfig, target_hidden: int, target_vocab: int, target_layers: int,
