@@ -212,6 +212,17 @@ GROUPS: dict[str, Group] = {
         Flag("--draft-model-path", "draft_model_path", "model: HF directory of the draft"),
         Flag("--draft-load", "draft_load", "model / eagle / medusa: dist checkpoint of the draft"),
     )),
+    "draft_train": Group(C.DraftTrainConfig, "draft-head training (ModelOpt speculative)", (
+        Flag("--algorithm", "algorithm", choices=C.SPEC_ALGORITHMS),
+        Flag("--eagle-ttt-steps", "eagle_ttt_steps", "train-time-test steps (loss weights 0.9^i)"),
+        Flag("--draft-vocab-size", "draft_vocab_size", "EAGLE draft lm_head over the N most frequent "
+             "tokens of the training data (d2t); default: the target's vocabulary"),
+        Flag("--eagle-aux-layers", "eagle_aux_layers", "EAGLE-3 target layer ids, comma-separated "
+             "(default: 1, L/2-1, L-4)"),
+        Flag("--eagle-num-layers", "eagle_num_layers", "EAGLE draft decoder layers"),
+        Flag("--eagle-config", "eagle_config", "json of eagle_architecture_config overrides"),
+        Flag("--medusa-num-heads", "medusa_num_heads"), Flag("--medusa-num-layers", "medusa_num_layers"),
+    )),
     "acceptance": Group(C.AcceptanceConfig, "acceptance measurement", (
         Flag("--mtbench-path", "mtbench_path", "builtin, FastChat question.jsonl, mt_bench_prompts "
              "rows (jsonl/json/parquet) or a hub name"),

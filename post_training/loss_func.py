@@ -18,6 +18,10 @@ Distillation (the model is ModelOpt's ``DistillationModel``, see
 each masked and summed like the LM loss (:func:`kd_term_sum`), and are reported under
 Megatron-LM's names: ``lm loss``, ``logits distillation loss``, ``intermediate distillation
 loss`` (when layer pairs are set), ``total loss`` (the optimized one).
+
+Draft heads (:mod:`post_training.speculative.heads`): the model returns ModelOpt's per-token
+draft loss, reported as ``lm loss`` as Megatron-LM does; each train-time-test step
+(``eagle ttt-<i> loss``) or Medusa head (``medusa head-<i> loss``) is reported beside it.
 """
 from __future__ import annotations
 
@@ -60,7 +64,19 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor,
         report["total loss"] = _pair(terms["kd_loss"], num_tokens)
         if kd_model.training:
             loss = terms["kd_loss"]
+    for name, per_token, start in _draft_terms(model):
+        # draft heads (speculative/heads.py): the optimized loss is the plugin's sum ("lm loss");
+        # each TTT step / Medusa head is reported on the positions it covers
+        mask = loss_mask.clone()
+        mask[:, :start] = 0
+        report[name] = _pair(masked_token_loss(per_token, mask), mask.sum())
     return loss, num_tokens, report
+
+
+def _draft_terms(model: Any) -> list:
+    while hasattr(model, "module"):
+        model = model.module
+    return [t for t in getattr(model, "_pt_draft_terms", None) or [] if t is not None]
 
 
 def _distillation_model(model: Any) -> Any:

@@ -116,6 +116,10 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
                          f"but its modelopt_state/ is missing: the quantizers cannot be restored")
     rank0_then_share(lambda: cio.verify_files(iter_dir, meta, hashes=verify_hashes))
     rank0_then_share(lambda: check_modelopt_version(iter_dir))
+    if "eagle" in meta.get("modelopt_modes", []):
+        from post_training.runtime.te_standins import apply_standins
+
+        apply_standins()  # restoring the mode re-builds the EAGLE module (TE classes without TE)
     try:
         restore_sharded_modelopt_state([model], str(iter_dir))
         from post_training.quant_modules import disable_unsaved_output_layer_quantizers

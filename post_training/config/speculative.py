@@ -1,5 +1,5 @@
-"""Configs of speculative decoding: the drafter, and the acceptance measurement on MT-Bench-style
-prompts (answer length: ``osl`` here; sampling settings: GenerateConfig)."""
+"""Configs of speculative decoding: the drafter, the acceptance measurement on MT-Bench-style
+prompts (answer length: ``osl`` here; sampling settings: GenerateConfig), and draft-head training."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from post_training.config.core import _check
 
-__all__ = ["DraftConfig", "AcceptanceConfig", "DRAFTERS", "MTBENCH_CATEGORIES", "BUILTIN_PROMPTS"]
+__all__ = ["DraftConfig", "AcceptanceConfig", "DraftTrainConfig", "DRAFTERS", "MTBENCH_CATEGORIES",
+           "BUILTIN_PROMPTS", "SPEC_ALGORITHMS"]
 
 DRAFTERS = ("none", "ngram", "model", "eagle", "medusa")
 MTBENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
@@ -68,3 +69,67 @@ class AcceptanceConfig:
     @property
     def category_list(self) -> list[str]:
         return [c.strip() for c in (self.categories or "").split(",") if c.strip()]
+
+
+SPEC_ALGORITHMS = ("eagle3", "eagle1", "medusa")
+
+
+@dataclass(kw_only=True)
+class DraftTrainConfig:
+    """Draft-head training (``scripts/eagle3.sh``): which head ModelOpt attaches to the frozen
+    target and how it trains. Checks that need the target (vocabulary, layer count):
+    :meth:`check_target`."""
+
+    algorithm: str = "eagle3"  # eagle3 | eagle1 | medusa
+    eagle_ttt_steps: int = 3  # train-time-test steps (ModelOpt's eagle_ttt_steps), loss weight 0.9^i
+    draft_vocab_size: int | None = None  # EAGLE: draft lm_head over the N most frequent tokens (d2t)
+    eagle_aux_layers: str | None = None  # EAGLE-3: comma-separated target layer ids; None: 1, L/2-1, L-4
+    eagle_num_layers: int = 1  # EAGLE draft decoder layers
+    eagle_config: str | None = None  # json of eagle_architecture_config overrides (Megatron-LM's flag)
+    medusa_num_heads: int = 2
+    medusa_num_layers: int = 1  # residual blocks per Medusa head
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.algorithm in SPEC_ALGORITHMS,
+             f"--algorithm must be one of {', '.join(SPEC_ALGORITHMS)} (got {self.algorithm!r})"),
+            (self.eagle_ttt_steps >= 1, f"--eagle-ttt-steps must be >= 1 (got {self.eagle_ttt_steps})"),
+            (self.draft_vocab_size is None or self.draft_vocab_size >= 1,
+             f"--draft-vocab-size must be >= 1 (got {self.draft_vocab_size})"),
+            (self.eagle_num_layers >= 1, f"--eagle-num-layers must be >= 1 (got {self.eagle_num_layers})"),
+            (self.medusa_num_heads >= 1, f"--medusa-num-heads must be >= 1 (got {self.medusa_num_heads})"),
+            (self.medusa_num_layers >= 1, f"--medusa-num-layers must be >= 1 (got {self.medusa_num_layers})"),
+            (self.algorithm != "medusa" or self.draft_vocab_size is None,
+             "--draft-vocab-size applies to EAGLE heads only (Medusa heads predict the full vocabulary)"),
+            (self.algorithm == "eagle3" or self.eagle_aux_layers is None,
+             "--eagle-aux-layers applies to --algorithm eagle3 only"),
+            (self.eagle_config is None or Path(self.eagle_config).is_file(),
+             f"--eagle-config file not found: {self.eagle_config}"),
+        ])
+        self.aux_layer_ids  # parse errors now
+
+    @property
+    def aux_layer_ids(self) -> list[int] | None:
+        if self.eagle_aux_layers is None:
+            return None
+        try:
+            ids = [int(x) for x in self.eagle_aux_layers.split(",") if x.strip()]
+        except ValueError:
+            ids = []
+        _check([(bool(ids), f"--eagle-aux-layers must be comma-separated layer ids (got {self.eagle_aux_layers!r})")])
+        return ids
+
+    @property
+    def is_eagle(self) -> bool:
+        return self.algorithm.startswith("eagle")
+
+    def check_target(self, num_layers: int, vocab_size: int) -> None:
+        """The flags against the target model: one error line each."""
+        ids = self.aux_layer_ids or []
+        bad = [i for i in ids if not 0 <= i < num_layers]
+        _check([
+            (not bad, f"--eagle-aux-layers {','.join(map(str, bad))} out of range: the target has "
+                      f"{num_layers} layers (ids 0..{num_layers - 1})"),
+            (self.draft_vocab_size is None or self.draft_vocab_size <= vocab_size,
+             f"--draft-vocab-size {self.draft_vocab_size} is larger than the target's vocabulary ({vocab_size})"),
+        ])

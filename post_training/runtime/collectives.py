@@ -103,6 +103,22 @@ def last_stage_dp_sum(t: torch.Tensor) -> torch.Tensor:
     return dp_sum(broadcast_from_last_stage(t))
 
 
+def tp_all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The tensor-parallel shards of ``t`` concatenated along ``dim`` in TP-rank order, on every
+    rank of the TP group (``t`` itself at TP=1)."""
+    from megatron.core import parallel_state as ps
+
+    if not (_initialized() and ps.model_parallel_is_initialized()):
+        return t
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return t
+    src = t.detach().contiguous().to(comm_device())
+    parts = [torch.empty_like(src) for _ in range(tp)]
+    dist.all_gather(parts, src, group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim).to(t.device)
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """A picklable object from global rank ``src`` to every rank."""
     if not _initialized() or dist.get_world_size() == 1:

@@ -131,10 +131,10 @@ def swaps(*swap_list: AttrSwap) -> tuple[Callable[[], None], Callable[[], None]]
 def registry() -> list[Patch]:
     """Every entry, in the order they are applied. The entry modules are imported here (they
     define entries, they do not apply them), so that importing this module stays cheap."""
-    from post_training.runtime import cpu_compat, fastpath, fixes, kv_format, minitron
+    from post_training.runtime import cpu_compat, fastpath, fixes, kv_format, minitron, te_standins
 
     return [*cpu_compat.PATCHES, *fixes.PATCHES, *kv_format.PATCHES, *fastpath.PATCHES,
-            *minitron.PATCHES]
+            *minitron.PATCHES, *te_standins.PATCHES]
 
 
 def get(name: str) -> Patch:
