@@ -173,3 +173,107 @@ def test_refusals(tiny, tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(UsageError, match="has shape .* the config implies"):
         load_draft_head(d)
+
+
+# ----------------------------------------------------------------------------- ModelOpt agreement
+
+
+def _modelopt_head(model, tcfg, kind):
+    """(HF config, state) of a ModelOpt-converted model's head in the deployment layout.
+    TODO(h/eagle-train): replace by head_state.draft_head_state once that branch has it."""
+    if kind == "medusa":
+        heads = model.medusa_heads
+        cfg = head_config_for(tcfg, "medusa", medusa_heads=len(heads), medusa_layers=len(heads[0].medusa_layers))
+        state = {}
+        for i, head in enumerate(heads):
+            for j, layer in enumerate(head.medusa_layers):
+                state[f"medusa_heads.{i}.{j}.linear.weight"] = layer.linear.weight.detach().clone()
+                state[f"medusa_heads.{i}.{j}.linear.bias"] = layer.linear.bias.detach().clone()
+            state[f"medusa_heads.{i}.{len(head.medusa_layers)}.weight"] = head.lm_head.weight.detach().clone()
+        return cfg, state
+    em, ec = model.eagle_module, model.eagle_config
+    cfg = head_config_for(tcfg, kind, ec.draft_vocab_size, aux_layer_ids=list(ec.eagle_aux_hidden_state_layer_ids),
+                          use_last_layernorm=bool(ec.use_last_layernorm), rope_theta=float(ec.rotary_base))
+    c = HeadConfig.from_hf(cfg)
+    layer = em.decoder.layers[0]
+    p = "midlayer." if kind == "eagle3" else "layers.0."
+    ng, hd = c.num_key_value_heads, c.head_dim
+    per = c.num_attention_heads // ng
+    qkv = layer.self_attention.linear_qkv.weight.detach().view(ng, (per + 2) * hd, -1)
+    fc1 = layer.mlp.linear_fc1.weight.detach()
+    state = {p + "self_attn.q_proj.weight": qkv[:, :per * hd].reshape(-1, qkv.shape[-1]),
+             p + "self_attn.k_proj.weight": qkv[:, per * hd:(per + 1) * hd].reshape(-1, qkv.shape[-1]),
+             p + "self_attn.v_proj.weight": qkv[:, (per + 1) * hd:].reshape(-1, qkv.shape[-1]),
+             p + "self_attn.o_proj.weight": layer.self_attention.linear_proj.weight.detach(),
+             p + "post_attention_layernorm.weight": layer.pre_mlp_layernorm.weight.detach(),
+             p + "mlp.gate_proj.weight": fc1[:fc1.shape[0] // 2], p + "mlp.up_proj.weight": fc1[fc1.shape[0] // 2:],
+             p + "mlp.down_proj.weight": layer.mlp.linear_fc2.weight.detach(),
+             (p + "hidden_norm.weight" if kind == "eagle3" else p + "input_layernorm.weight"):
+                 layer.input_layernorm.weight.detach()}
+    if kind == "eagle3":
+        state.update({"fc.weight": em.fc.weight.detach(), "midlayer.input_layernorm.weight": em.enorm.weight.detach(),
+                      "norm.weight": em.decoder.final_layernorm.weight.detach()})
+    if hasattr(em, "eagle_output_layer"):
+        state.update({"lm_head.weight": em.eagle_output_layer.weight.detach(), "d2t": em.d2t.detach()})
+    return cfg, {k: v.contiguous().clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1", "medusa"])
+def test_native_head_equals_modelopt(tiny, tiny_llama, runtime, kind):
+    """The guarantee that training and inference agree: a head converted by ModelOpt's megatron
+    plugin (as scripts/eagle3.sh trains it), exported to the layout, drafts in the native head
+    with ModelOpt's own draft logits: one step over the whole context and each step of the
+    chain (``pseudo_speculative_generate``), and the same draft tokens."""
+    from post_training.config import DraftTrainConfig
+    from post_training.speculative.heads import convert_model
+
+    target, _, tcfg = tiny
+    model, _, hfc = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime,
+                                inference=False)
+    torch.manual_seed(0)
+    d2t = None
+    if kind == "eagle3":  # a draft vocabulary of every 3rd id
+        d2t = torch.arange(4096) * 3 - torch.arange(4096)
+    model = convert_model(model, DraftTrainConfig(algorithm=kind, draft_vocab_size=4096 if d2t is not None else None),
+                          hfc, runtime, d2t=d2t)
+    model.eval()
+    with torch.no_grad():  # random heads are near-flat: larger weights make the argmax meaningful
+        for n, prm in model.named_parameters():
+            if n.startswith(("eagle_module.", "medusa_heads.")) and prm.dim() == 2:
+                prm.normal_(0, 0.2)
+    cfg, state = _modelopt_head(model, tcfg, kind)
+    drafter = head_drafter(build_head(HeadConfig.from_hf(cfg), state), target)
+    ids = PROMPT
+    hidden = _uncached_hidden(target, ids, drafter.hidden_spec)
+    if kind == "medusa":
+        with torch.no_grad():  # ModelOpt's MedusaHead forward on the final-normed hidden
+            final = hidden[-1]
+            theirs = torch.stack([head(final.view(1, 1, -1))[0].view(-1) for head in model.medusa_heads])
+        ours = drafter.head.logits(final, len(model.medusa_heads))
+        torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+        return
+    outs = []
+    out_layer = model.eagle_module.eagle_output_layer if kind == "eagle3" else model.output_layer
+    handle = out_layer.register_forward_hook(lambda m, a, o: outs.append(o[0].detach().clone()))
+    with torch.no_grad():
+        base, drafts = model.pseudo_speculative_generate(torch.tensor([ids]), steps=3)
+    handle.remove()
+    theirs = [o[:, 0] for o in outs[(kind == "eagle1"):]]  # EAGLE-1 shares the target's output layer
+    context = ids + [int(base)]
+    drafter.reset(context)
+    drafter.feed_hidden(hidden, 0)
+    # One step over the whole context: entry i = (hidden i, token i + 1).
+    logits, _ = drafter.head.append(drafter.embedding[torch.tensor(context[1:])], drafter.head.project(hidden))
+    torch.testing.assert_close(logits, theirs[0][:len(ids)].float(), atol=1e-4, rtol=1e-4)
+    # The chain: the drafter's proposals are ModelOpt's draft tokens, step logits compared too.
+    drafter.head.truncate(0)
+    assert drafter.propose(context, 3) == drafts[0].tolist()
+    chain = []
+    drafter.head.truncate(0)
+    logits, nxt = drafter.head.append(drafter.embedding[torch.tensor(context[1:])], drafter.head.project(hidden))
+    for step in range(3):
+        chain.append(logits[-1])
+        tok = int(drafter.head.to_target(logits[-1].argmax()))
+        logits, nxt = drafter.head.append(drafter.embedding[tok].unsqueeze(0), nxt[-1:])
+    for step in range(3):
+        torch.testing.assert_close(chain[step], theirs[step][len(ids) - 1 + step].float(), atol=1e-4, rtol=1e-4)

@@ -76,19 +76,6 @@ def broadcast_from_first_stage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def tp_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """The tensor-parallel shards of ``t`` (split along dim 0, e.g. a vocab-parallel weight)
-    concatenated in TP rank order, on every rank of the TP group."""
-    from megatron.core import parallel_state as ps
-
-    if not (_initialized() and ps.model_parallel_is_initialized()
-            and ps.get_tensor_model_parallel_world_size() > 1):
-        return t
-    parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=0)
-
-
 def dp_sum(t: torch.Tensor) -> torch.Tensor:
     """In place: the sum of ``t`` over the data-parallel group."""
     from megatron.core import parallel_state as ps
@@ -156,5 +143,5 @@ def rank0_then_share(fn: Callable[[], T]) -> T | None:
     return result
 
 
-__all__ = ["broadcast_from_first_stage", "broadcast_from_last_stage", "pp_sum", "tp_gather_rows", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
+__all__ = ["broadcast_from_first_stage", "broadcast_from_last_stage", "pp_sum", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
            "last_stage_dp_sum", "rank0_then_share"]

@@ -24,10 +24,10 @@ __all__ = ["EagleDrafter", "MedusaDrafter", "target_embedding", "target_output_w
 
 def target_embedding(model) -> torch.Tensor:
     """The target's full word-embedding table (fp32) on every rank."""
-    from post_training.runtime.collectives import broadcast_from_first_stage, tp_gather_rows
+    from post_training.runtime.collectives import broadcast_from_first_stage, tp_all_gather
 
     if model.pre_process:
-        w = tp_gather_rows(model.embedding.word_embeddings.weight.detach())
+        w = tp_all_gather(model.embedding.word_embeddings.weight.detach(), 0)
         shape = torch.tensor(w.shape)
     else:
         w, shape = None, torch.zeros(2, dtype=torch.long)
@@ -39,12 +39,12 @@ def target_embedding(model) -> torch.Tensor:
 
 def target_output_weight(model, embedding: torch.Tensor) -> torch.Tensor:
     """The target's full output-layer weight (fp32) on every rank; the embedding when tied."""
-    from post_training.runtime.collectives import broadcast_from_last_stage, tp_gather_rows
+    from post_training.runtime.collectives import broadcast_from_last_stage, tp_all_gather
 
     if model.share_embeddings_and_output_weights:
         return embedding
     dev = next(model.parameters()).device
-    w = (tp_gather_rows(model.output_layer.weight.detach()).contiguous() if model.post_process
+    w = (tp_all_gather(model.output_layer.weight.detach(), 0).contiguous() if model.post_process
          else torch.empty(*embedding.shape, dtype=model.config.params_dtype, device=dev))
     return broadcast_from_last_stage(w).float().cpu()
 
