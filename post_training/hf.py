@@ -182,10 +182,10 @@ def load_kind(load: str) -> str:
     return "dist"
 
 
-def check_source(src: SourceConfig, par: ParallelConfig) -> ModelConf:
-    """Cheap checks that need no process group (run before torchrun starts ranks)."""
-    conf = load_conf(src.model_conf)
-    shape = dict(conf.expect)
+def source_shape(src: SourceConfig) -> dict:
+    """The source model's HF config as far as known without loading anything: its config.json,
+    else the conf's ``expect`` entries."""
+    shape = dict(load_conf(src.model_conf).expect)
     if src.pretrained_model_path:
         shape = json.loads((check_hf_dir(src.pretrained_model_path) / "config.json").read_text())
     if src.load:
@@ -195,6 +195,13 @@ def check_source(src: SourceConfig, par: ParallelConfig) -> ModelConf:
                 shape = json.loads(cfg.read_text())
         else:
             shape = json.loads((Path(src.load) / "config.json").read_text())
+    return shape
+
+
+def check_source(src: SourceConfig, par: ParallelConfig) -> ModelConf:
+    """Cheap checks that need no process group (run before torchrun starts ranks)."""
+    conf = load_conf(src.model_conf)
+    shape = source_shape(src)
     if {"num_attention_heads", "num_hidden_layers"} <= shape.keys():
         check_parallel(SimpleNamespace(**shape), par.tp, par.pp)
     return conf

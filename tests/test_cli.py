@@ -105,7 +105,8 @@ def test_convert_script_dispatches_checkpoint_tools(tiny_llama, tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
 
 
-TASK_SCRIPTS = ("convert", "distill", "evaluate", "export", "finetune", "generate", "mmlu", "prune", "quantize")
+TASK_SCRIPTS = ("convert", "distill", "eagle3", "evaluate", "export", "finetune", "generate", "mmlu", "prune",
+                "quantize")
 
 
 def test_every_script_has_help_with_its_env_and_runs_as_python():
