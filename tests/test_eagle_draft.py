@@ -178,53 +178,15 @@ def test_refusals(tiny, tmp_path):
 # ----------------------------------------------------------------------------- ModelOpt agreement
 
 
-def _modelopt_head(model, tcfg, kind):
-    """(HF config, state) of a ModelOpt-converted model's head in the deployment layout.
-    TODO(h/eagle-train): replace by head_state.draft_head_state once that branch has it."""
-    if kind == "medusa":
-        heads = model.medusa_heads
-        cfg = head_config_for(tcfg, "medusa", medusa_heads=len(heads), medusa_layers=len(heads[0].medusa_layers))
-        state = {}
-        for i, head in enumerate(heads):
-            for j, layer in enumerate(head.medusa_layers):
-                state[f"medusa_heads.{i}.{j}.linear.weight"] = layer.linear.weight.detach().clone()
-                state[f"medusa_heads.{i}.{j}.linear.bias"] = layer.linear.bias.detach().clone()
-            state[f"medusa_heads.{i}.{len(head.medusa_layers)}.weight"] = head.lm_head.weight.detach().clone()
-        return cfg, state
-    em, ec = model.eagle_module, model.eagle_config
-    cfg = head_config_for(tcfg, kind, ec.draft_vocab_size, aux_layer_ids=list(ec.eagle_aux_hidden_state_layer_ids),
-                          use_last_layernorm=bool(ec.use_last_layernorm), rope_theta=float(ec.rotary_base))
-    c = HeadConfig.from_hf(cfg)
-    layer = em.decoder.layers[0]
-    p = "midlayer." if kind == "eagle3" else "layers.0."
-    ng, hd = c.num_key_value_heads, c.head_dim
-    per = c.num_attention_heads // ng
-    qkv = layer.self_attention.linear_qkv.weight.detach().view(ng, (per + 2) * hd, -1)
-    fc1 = layer.mlp.linear_fc1.weight.detach()
-    state = {p + "self_attn.q_proj.weight": qkv[:, :per * hd].reshape(-1, qkv.shape[-1]),
-             p + "self_attn.k_proj.weight": qkv[:, per * hd:(per + 1) * hd].reshape(-1, qkv.shape[-1]),
-             p + "self_attn.v_proj.weight": qkv[:, (per + 1) * hd:].reshape(-1, qkv.shape[-1]),
-             p + "self_attn.o_proj.weight": layer.self_attention.linear_proj.weight.detach(),
-             p + "post_attention_layernorm.weight": layer.pre_mlp_layernorm.weight.detach(),
-             p + "mlp.gate_proj.weight": fc1[:fc1.shape[0] // 2], p + "mlp.up_proj.weight": fc1[fc1.shape[0] // 2:],
-             p + "mlp.down_proj.weight": layer.mlp.linear_fc2.weight.detach(),
-             (p + "hidden_norm.weight" if kind == "eagle3" else p + "input_layernorm.weight"):
-                 layer.input_layernorm.weight.detach()}
-    if kind == "eagle3":
-        state.update({"fc.weight": em.fc.weight.detach(), "midlayer.input_layernorm.weight": em.enorm.weight.detach(),
-                      "norm.weight": em.decoder.final_layernorm.weight.detach()})
-    if hasattr(em, "eagle_output_layer"):
-        state.update({"lm_head.weight": em.eagle_output_layer.weight.detach(), "d2t": em.d2t.detach()})
-    return cfg, {k: v.contiguous().clone() for k, v in state.items()}
-
-
 @pytest.mark.parametrize("kind", ["eagle3", "eagle1", "medusa"])
-def test_native_head_equals_modelopt(tiny, tiny_llama, runtime, kind):
+def test_native_head_equals_modelopt(tiny, tiny_llama, runtime, kind, tmp_path):
     """The guarantee that training and inference agree: a head converted by ModelOpt's megatron
     plugin (as scripts/eagle3.sh trains it), exported to the layout, drafts in the native head
     with ModelOpt's own draft logits: one step over the whole context and each step of the
-    chain (``pseudo_speculative_generate``), and the same draft tokens."""
+    chain (``pseudo_speculative_generate``), and the same draft tokens. The head goes through
+    the training side's ``draft_head_state`` and this side's save / load."""
     from post_training.config import DraftTrainConfig
+    from post_training.speculative.head_state import draft_head_state
     from post_training.speculative.heads import convert_model
 
     target, _, tcfg = tiny
@@ -241,8 +203,8 @@ def test_native_head_equals_modelopt(tiny, tiny_llama, runtime, kind):
         for n, prm in model.named_parameters():
             if n.startswith(("eagle_module.", "medusa_heads.")) and prm.dim() == 2:
                 prm.normal_(0, 0.2)
-    cfg, state = _modelopt_head(model, tcfg, kind)
-    drafter = head_drafter(build_head(HeadConfig.from_hf(cfg), state), target)
+    cfg, state = draft_head_state(model)
+    drafter = head_drafter(load_draft_head(save_draft_head(cfg, state, tmp_path / kind)), target)
     ids = PROMPT
     hidden = _uncached_hidden(target, ids, drafter.hidden_spec)
     if kind == "medusa":
@@ -277,3 +239,27 @@ def test_native_head_equals_modelopt(tiny, tiny_llama, runtime, kind):
         logits, nxt = drafter.head.append(drafter.embedding[tok].unsqueeze(0), nxt[-1:])
     for step in range(3):
         torch.testing.assert_close(chain[step], theirs[step][len(ids) - 1 + step].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_writes_the_target_and_the_draft_head(tiny, tiny_llama, runtime, tmp_path):
+    """A model carrying a trained ModelOpt head exports the target as always plus the head in
+    <EXPORT_DIR>/eagle3_draft, which --draft eagle --draft-model-path reads; lossless."""
+    from post_training.config import DraftTrainConfig, ExportConfig
+    from post_training.export import export_model
+    from post_training.speculative.head_state import draft_head_state
+    from post_training.speculative.heads import convert_model
+
+    target, tok, tcfg = tiny
+    model, _, hfc = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime,
+                                inference=False)
+    model = convert_model(model, DraftTrainConfig(algorithm="eagle3", draft_vocab_size=4096), hfc, runtime,
+                          d2t=torch.arange(4096) * 2 - torch.arange(4096))
+    model.eval()
+    out = export_model(model, runtime, tiny_llama, ExportConfig(export_dir=str(tmp_path / "exp")), torch.float32)
+    assert (out / "config.json").is_file() and (out / "eagle3_draft" / "model.safetensors").is_file()
+    cfg, state = draft_head_state(model)
+    back = load_draft_head(out / "eagle3_draft")
+    assert set(back.state) == set(state) and all(torch.equal(back.state[k], state[k]) for k in state)
+    drafter = build_drafter(DraftConfig(draft="eagle", draft_model_path=str(out / "eagle3_draft")), tok, tcfg,
+                            target=target)
+    assert speculative_generate(target, PROMPT, drafter, G, 3)[0] == generate(target, PROMPT, G)

@@ -37,7 +37,7 @@ from post_training.utils import UsageError
 __all__ = ["HeadConfig", "EagleDraft", "MedusaDraft", "load_draft_head", "save_draft_head",
            "check_head_for_target"]
 
-EAGLE3_ARCH, EAGLE1_ARCH, MEDUSA_ARCH = "LlamaForCausalLMEagle3", "LlamaForCausalLMEagle", "MedusaHeads"
+EAGLE3_ARCH, EAGLE1_ARCH, MEDUSA_ARCH = "LlamaForCausalLMEagle3", "LlamaForCausalLMEagle", "MedusaModel"
 
 
 @dataclass
@@ -59,17 +59,19 @@ class HeadConfig:
     aux_layer_ids: list[int] = field(default_factory=list)
     use_last_layernorm: bool = True
     use_input_layernorm_in_first_layer: bool = True
+    use_mtp_layernorm: bool = False  # EAGLE-1 variant: hnorm on the hidden input (enorm unused)
     medusa_heads: int = 0
     medusa_layers: int = 0
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "HeadConfig":
         arch = (cfg.get("architectures") or [""])[0]
-        if "medusa" in cfg:
-            m = cfg["medusa"]
+        if "medusa_num_heads" in cfg or "medusa" in cfg:  # ours / ModelOpt's megatron export's
+            m = cfg.get("medusa") or {}
             return cls(kind="medusa", hidden_size=cfg["hidden_size"], vocab_size=cfg["vocab_size"],
-                       draft_vocab_size=cfg["vocab_size"], medusa_heads=m["num_medusa_heads"],
-                       medusa_layers=m["num_medusa_layers"])
+                       draft_vocab_size=cfg["vocab_size"],
+                       medusa_heads=cfg.get("medusa_num_heads", m.get("num_medusa_heads")),
+                       medusa_layers=cfg.get("medusa_num_layers", m.get("num_medusa_layers")))
         ec = cfg.get("eagle_config") or {}
         eagle3 = ec.get("use_aux_hidden_state", "Eagle3" in arch)
         if cfg.get("num_hidden_layers", 1) != 1:
@@ -86,12 +88,13 @@ class HeadConfig:
             rope_scaling=cfg.get("rope_scaling"), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             aux_layer_ids=list(ec.get("eagle_aux_hidden_state_layer_ids") or []),
             use_last_layernorm=ec.get("use_last_layernorm", eagle3),
-            use_input_layernorm_in_first_layer=ec.get("use_input_layernorm_in_first_layer", True))
+            use_input_layernorm_in_first_layer=ec.get("use_input_layernorm_in_first_layer", True),
+            use_mtp_layernorm=bool(ec.get("use_mtp_layernorm", False)) and not eagle3)
 
     def to_hf(self) -> dict:
         if self.kind == "medusa":
             return {"architectures": [MEDUSA_ARCH], "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
-                    "medusa": {"num_medusa_heads": self.medusa_heads, "num_medusa_layers": self.medusa_layers}}
+                    "medusa_num_heads": self.medusa_heads, "medusa_num_layers": self.medusa_layers}
         return {
             "architectures": [EAGLE3_ARCH if self.kind == "eagle3" else EAGLE1_ARCH], "model_type": "llama",
             "hidden_act": "silu", "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -104,7 +107,7 @@ class HeadConfig:
                              "eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids),
                              "use_last_layernorm": self.use_last_layernorm,
                              "use_input_layernorm_in_first_layer": self.use_input_layernorm_in_first_layer,
-                             "use_mtp_layernorm": False, "next_layer_regular": True},
+                             "use_mtp_layernorm": self.use_mtp_layernorm, "next_layer_regular": True},
         }
 
 
@@ -152,6 +155,7 @@ class EagleDraft:
         self.fc = w.get("fc.weight")
         self.enorm = w.get("midlayer.input_layernorm.weight")
         self.hnorm = w.get(hnorm)
+        self.mtp_hnorm = w.get("hnorm.weight") if cfg.use_mtp_layernorm else None
         self.q, self.k, self.v = (w[f"{p}self_attn.{n}_proj.weight"] for n in "qkv")
         self.o = w[p + "self_attn.o_proj.weight"]
         self.post_norm = w[p + "post_attention_layernorm.weight"]
@@ -198,6 +202,8 @@ class EagleDraft:
         next-hiddens). Returns (logits [n, draft_vocab], next hiddens [n, h])."""
         c, n, start = self.cfg, x.shape[0], self.length
         eps = c.rms_norm_eps
+        if self.mtp_hnorm is not None:  # ModelOpt normalises the hidden input itself (the residual too)
+            x = _rms(x, self.mtp_hnorm, eps)
         h_in = _rms(x, self.hnorm, eps) if self.hnorm is not None else x
         if c.kind == "eagle3":
             a = torch.cat((_rms(emb, self.enorm, eps), h_in), dim=-1)
@@ -277,6 +283,8 @@ def _expected(cfg: HeadConfig) -> dict[str, tuple[int, ...]]:
         out.update({"fc.weight": (h, len(cfg.aux_layer_ids) * h), p + "input_layernorm.weight": (h,)})
     if cfg.use_input_layernorm_in_first_layer:
         out[hnorm] = (h,)
+    if cfg.use_mtp_layernorm:
+        out.update({"enorm.weight": (h,), "hnorm.weight": (h,)})
     if cfg.use_last_layernorm:
         out["norm.weight"] = (h,)
     if cfg.draft_vocab_size != cfg.vocab_size:
