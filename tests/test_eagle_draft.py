@@ -263,3 +263,36 @@ def test_export_writes_the_target_and_the_draft_head(tiny, tiny_llama, runtime, 
     drafter = build_drafter(DraftConfig(draft="eagle", draft_model_path=str(out / "eagle3_draft")), tok, tcfg,
                             target=target)
     assert speculative_generate(target, PROMPT, drafter, G, 3)[0] == generate(target, PROMPT, G)
+
+
+def test_draft_from_the_load_checkpoint(tiny, tiny_llama, runtime, tmp_path):
+    """--draft eagle without --draft-model-path: the head a --load checkpoint carries (saved
+    with its ModelOpt state, as scripts/eagle3.sh does); the target then decodes as the plain
+    model (its KV-cache forward, no ModelOpt training forward): lossless, and the head drafts as
+    its exported copy."""
+    from post_training.checkpointing.save import save_checkpoint
+    from post_training.config import DraftTrainConfig
+    from post_training.speculative.head_state import draft_head_state
+    from post_training.speculative.heads import convert_model
+
+    target, tok, tcfg = tiny
+    model, _, hfc = setup_model(SourceConfig(pretrained_model_path=str(tiny_llama)), ModelConfig(), runtime,
+                                inference=False)
+    model = convert_model(model, DraftTrainConfig(algorithm="eagle3", draft_vocab_size=4096), hfc, runtime,
+                          d2t=torch.arange(4096) * 2 - torch.arange(4096))
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if n.startswith("eagle_module.") and prm.dim() == 2:
+                prm.normal_(0, 0.2)
+    exported = save_draft_head(*draft_head_state(model), tmp_path / "head")
+    ckpt = save_checkpoint(model, runtime, tmp_path / "ckpt", 1, hf_dir=tiny_llama)
+    src = SourceConfig(load=str(tmp_path / "ckpt"), pretrained_model_path=str(tiny_llama))
+    loaded, _, _ = setup_model(src, ModelConfig(), runtime, hf_dir=tiny_llama)
+    drafter = build_drafter(DraftConfig(draft="eagle"), tok, tcfg, target=loaded, load=src.load)
+    out, st = speculative_generate(loaded, PROMPT, drafter, G, 3)
+    assert out == generate(target, PROMPT, G)
+    ref = speculative_generate(target, PROMPT, head_drafter(load_draft_head(exported), target), G, 3)[1]
+    assert st.accepted == ref.accepted and st.drafted == ref.drafted
+    with pytest.raises(UsageError, match="the --load checkpoint.s head is eagle, not medusa"):
+        check_draft(DraftConfig(draft="medusa"), tok, tcfg, load=src.load)
+    assert ckpt.exists()

@@ -19,7 +19,8 @@ import torch
 from post_training.inference.hidden import HiddenSpec
 from post_training.speculative.eagle_draft import EagleDraft, MedusaDraft
 
-__all__ = ["EagleDrafter", "MedusaDrafter", "target_embedding", "target_output_weight", "head_drafter"]
+__all__ = ["EagleDrafter", "MedusaDrafter", "target_embedding", "target_output_weight", "head_drafter",
+           "head_of_target"]
 
 
 def target_embedding(model) -> torch.Tensor:
@@ -162,3 +163,34 @@ def head_drafter(head, model) -> EagleDrafter | MedusaDrafter:
     emb = target_embedding(model)
     out = target_output_weight(model, emb) if head.lm_head is None else None
     return EagleDrafter(head, emb, out)
+
+
+def head_of_target(model) -> EagleDraft | MedusaDraft:
+    """The trained head a ModelOpt-converted target carries (a ``--load`` of a checkpoint from
+    scripts/eagle3.sh), as a native head; the target then runs as the plain GPTModel.
+
+    Collective (TP gather on the last stage, then sent to every stage). The converted model's
+    own forward is ModelOpt's training forward (no KV cache, the draft loss), so this instance's
+    ``forward`` becomes GPTModel's again and the plugin's aux-state hooks on the decoder layers
+    (which keep a copy of every forward's states) are removed: the instance changes, no
+    upstream code does, as :mod:`post_training.speculative.heads` does for training."""
+    from types import MethodType
+
+    from megatron.core.models.gpt import GPTModel
+
+    from post_training.runtime.collectives import broadcast_object_from_last_stage
+    from post_training.speculative.eagle_draft import HeadConfig, build_head
+    from post_training.speculative.head_state import draft_head_state
+    from post_training.speculative.heads import draft_kind
+    from post_training.utils import UsageError
+
+    if draft_kind(model) is None:
+        raise UsageError("the target carries no trained draft head: pass --draft-model-path DIR")
+    head = draft_head_state(model) if model.post_process else None
+    config, state = broadcast_object_from_last_stage(head)
+    model.forward = MethodType(GPTModel.forward, model)
+    for layer in model.decoder.layers:
+        for key, hook in list(layer._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "_transformer_layer_forward_hook":
+                del layer._forward_hooks[key]
+    return build_head(HeadConfig.from_hf(config), state, where="the --load checkpoint's draft head")
