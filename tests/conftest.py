@@ -133,9 +133,9 @@ def _multi(nproc: int, out: Path, hf_dir: Path, *args: str) -> dict:
 def mr_tp2(tiny_llama, tiny_dirs, mr_dir, kd_yaml) -> dict:
     """TP=2: forward + KV cache, 4 training steps, 6 loop iterations, speculative and batched
     generation, and checkpoints saved at TP=2: plain ("tp2"), FP8 with FP8 KV cache ("fp8"), INT8 per-channel with FP8 KV cache
-    ("int8"); 3 distillation steps ("distill"), then distillation and the loop again at DP=2
-    ("distill:dp", "loop:dp")."""
-    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--loop", "--spec", "--batched",
+    ("int8"); 3 distillation steps ("distill"), 3 EAGLE-3 draft-head steps ("eagle"), then
+    distillation and the loop again at DP=2 ("distill:dp", "loop:dp")."""
+    return _multi(2, mr_dir / "tp2.pt", tiny_llama, "--tp", "2", "--forward", "--kv", "--train", "--loop", "--spec", "--batched", "--eagle",
                   "--save", f"tp2={mr_dir / 'tp2'}", "--save", f"fp8={mr_dir / 'fp8'}:fp8",
                   "--save", f"int8={mr_dir / 'int8'}:int8", *_distill_args(tiny_dirs, kd_yaml),
                   "--distill-dp", "--loop-dp")

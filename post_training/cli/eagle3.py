@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     model, tok, hf_config = setup_model(args.source, args.model, rt, inference=False, hf_dir=hf_dir)
     kind = heads.draft_kind(model)
     if kind is not None:
-        heads.warn_on_load_mismatch(kind, cfg)
+        heads.check_loaded_head(kind, cfg)
     else:
         d2t = None
         if cfg.draft_vocab_size is not None:

@@ -146,13 +146,13 @@ _COVERS = ("mtsp.convert(model, EAGLE3_DEFAULT_CFG / eagle configs) and the EAGL
 PATCHES = [
     Patch("te_norm_standin",
           {f"{_EAGLE}:TENorm": None,
-           f"{_SPECS}:Norm": "(cls, config: megatron.core.transformer.transformer_config.TransformerConfig, "
+           f"{_SPECS}:Norm": "(config: megatron.core.transformer.transformer_config.TransformerConfig, "
                              "hidden_size: int, eps: float = 1e-05)"},
           "TE shim: without Transformer Engine, megatron's TENorm and the ModelOpt spec's Norm raise "
           "on construction, so ModelOpt's EAGLE module (enorm, the draft layer's norms) cannot be "
           "built. Both become megatron's WrappedTorchNorm (torch RMSNorm)",
           ON_DEMAND, *_importing(_NORM_SWAPS), covers=_COVERS,
-          depends={_NORM: "(cls, config: megatron.core.transformer.transformer_config.TransformerConfig, "
+          depends={_NORM: "(config: megatron.core.transformer.transformer_config.TransformerConfig, "
                           "hidden_size: int, eps: float = 1e-05, persist_layer_norm: bool = False, "
                           "zero_centered_gamma: bool = False, normalization: str = 'LayerNorm')",
                    f"{_SPECS}:get_gpt_modelopt_spec": _SPEC_SIG},

@@ -28,6 +28,11 @@ positions ``0..s-1``:
   (``norm``: ``use_last_layernorm``), draft token ``y = argmax + d2t[argmax]``, the prediction of
   ``x_{t+2}``; trained towards the target's distribution at position ``t+1`` restricted to the
   draft vocab and renormalised (soft cross entropy), weight ``0.9^i`` for TTT step ``i``.
+* positions are row indices of the sequence the target saw: the draft's rotary ignores
+  ``position_ids`` (with packed documents and ``--reset-position-ids`` the target restarts its
+  positions per document, the draft does not); the target's attention mask (causal, or the
+  packed block-diagonal one) is the draft's, shifted with the rows and with the last row and
+  key masked.
 * TTT step ``i >= 1``: the hidden input of row ``t`` is ``z^{(i-1)}_{t-1}`` (the previous step's
   pre-norm output one row up, zeros at row 0; no fc, no aux), the token input stays
   ``embed(x_{t+1})``, the query position stays ``t``. Row ``t`` of step ``i`` is thus the

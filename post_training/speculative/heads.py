@@ -243,7 +243,7 @@ def parameter_report(model) -> tuple[int, int, str]:
                        f"frozen (no gradient buffer, no optimizer state)")
 
 
-def warn_on_load_mismatch(kind: str, cfg: DraftTrainConfig) -> None:
+def check_loaded_head(kind: str, cfg: DraftTrainConfig) -> None:
     want = "medusa" if cfg.algorithm == "medusa" else "eagle"
     if kind != want:
         raise UsageError(f"--load holds a {kind} head but --algorithm is {cfg.algorithm}")

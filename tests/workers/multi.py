@@ -18,6 +18,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
                        must return the same numbers)
   --prune DIR          Minitron depth pruning 4 -> 2 layers on the built-in calibration text
                        (4 x 64 tokens), saved to DIR; records layer scores, dropped layers, logits
+  --eagle              3 EAGLE-3 draft-head training steps with a draft vocabulary (draft_heads.py);
+                       the losses and the gathered head (every rank must hold the same)
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
 """
@@ -30,6 +32,7 @@ from megatron.core import parallel_state as ps
 import batched_gen
 import ckpt
 import distill
+import draft_heads
 import forward
 import loop
 import spec
@@ -79,6 +82,7 @@ def main() -> None:
     p.add_argument("--spec", action="store_true")
     p.add_argument("--acceptance", action="store_true")
     p.add_argument("--prune")
+    p.add_argument("--eagle", action="store_true")
     a = p.parse_args()
     rt = init_runtime(ParallelConfig(tp=a.tp, pp=a.pp, device="cpu"))
     mine: dict = {}
@@ -107,6 +111,8 @@ def main() -> None:
         mine["acceptance"] = acceptance(a.hf_dir, rt)
     if a.distill:
         mine["distill"] = _distill(a, rt)
+    if a.eagle:
+        mine["eagle"] = _eagle(a, rt)
     if a.distill_dp:  # changes the layout: keep it last
         mine["distill:dp"] = _distill(a, distill.relayout(rt, 1, 1))
     if a.loop_dp:  # changes the layout too
@@ -126,6 +132,13 @@ def _distill(a, rt) -> dict:
     out = {"losses": out["losses"], "grad_norm": out["grad_norm"],
            "layout": (rt.tp, rt.pp, ps.get_data_parallel_world_size())}
     return same_on_every_rank(out)
+
+
+def _eagle(a, rt) -> dict:
+    out = draft_heads.train(a.hf_dir, rt, "eagle3", steps=3)
+    checksums = {k: float(v.double().sum()) for k, v in out["head"].items()}
+    same_on_every_rank({"losses": out["losses"], "head": checksums, "frozen": out["target_unchanged"]})
+    return {k: out[k] for k in ("losses", "head", "target_unchanged", "target_grads")}
 
 
 def prune(rt, hf_dir: str, root: str) -> dict | None:
