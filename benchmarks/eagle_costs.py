@@ -44,7 +44,8 @@ def main() -> None:
     from post_training.inference.hidden import HiddenCapture, HiddenSpec
     from post_training.model_builder import setup_model
     from post_training.runtime import ParallelConfig, cpu_compat, init_runtime
-    from post_training.speculative.eagle_draft import (HeadConfig, build_head, default_aux_layers, head_config_for,
+    from post_training.speculative.eagle_draft import build_head
+    from post_training.speculative.head_layout import (HeadConfig, default_aux_layers, head_config_for,
                                                        random_head_state)
     from post_training.speculative.head_drafter import target_embedding
 

@@ -13,8 +13,8 @@ from post_training.inference.hidden import HiddenCapture, HiddenSpec
 from post_training.model_builder import setup_model
 from post_training.speculative import build_drafter, speculative_generate
 from post_training.speculative.drafters import check_draft
-from post_training.speculative.eagle_draft import (HeadConfig, build_head, head_config_for, load_draft_head,
-                                                   random_head_state, save_draft_head)
+from post_training.speculative.eagle_draft import build_head, load_draft_head, save_draft_head
+from post_training.speculative.head_layout import HeadConfig, head_config_for, random_head_state
 from post_training.speculative.head_drafter import head_drafter
 from post_training.utils import UsageError
 

@@ -227,7 +227,8 @@ def test_tp2_and_pp2_match_tp1(layout, request, tiny, tiny_llama):
     assert sum(res["ngram"]["accepted"]) > 0 and sum(res["model"]["accepted"]) >= 3 * len(res["model"]["accepted"]) - 2
     assert len(res["sampled"]) == 16
     # Random heads at this layout: lossless, and the same proposals as at TP=1 (tests/test_eagle_draft.py).
-    from post_training.speculative.eagle_draft import HeadConfig, build_head, head_config_for, random_head_state
+    from post_training.speculative.eagle_draft import build_head
+    from post_training.speculative.head_layout import HeadConfig, head_config_for, random_head_state
     from post_training.speculative.head_drafter import head_drafter
 
     tcfg = json.loads((tiny_llama / "config.json").read_text())

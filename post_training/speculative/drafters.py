@@ -208,7 +208,7 @@ def checkpoint_head_mode(load: str | None) -> str | None:
 def _check_head(cfg: DraftConfig, target_hf_config: Any, load: str | None = None):
     """The head for ``--draft eagle|medusa``: an exported head directory made for this target,
     or the one the target's ``--load`` checkpoint carries."""
-    from post_training.speculative.eagle_draft import check_head_for_target, read_head_config
+    from post_training.speculative.head_layout import check_head_for_target, read_head_config
 
     if not cfg.draft_model_path:
         mode = checkpoint_head_mode(load)

@@ -179,7 +179,8 @@ def head_of_target(model) -> EagleDraft | MedusaDraft:
     from megatron.core.models.gpt import GPTModel
 
     from post_training.runtime.collectives import broadcast_object_from_last_stage
-    from post_training.speculative.eagle_draft import HeadConfig, build_head
+    from post_training.speculative.eagle_draft import build_head
+    from post_training.speculative.head_layout import HeadConfig
     from post_training.speculative.head_state import draft_head_state
     from post_training.speculative.heads import draft_kind
     from post_training.utils import UsageError

@@ -25,7 +25,8 @@ def run(hf_dir: str, rt) -> dict:
     import json
     from pathlib import Path
 
-    from post_training.speculative.eagle_draft import HeadConfig, build_head, head_config_for, random_head_state
+    from post_training.speculative.eagle_draft import build_head
+    from post_training.speculative.head_layout import HeadConfig, head_config_for, random_head_state
     from post_training.speculative.head_drafter import head_drafter
 
     tcfg = json.loads((Path(hf_dir) / "config.json").read_text())
