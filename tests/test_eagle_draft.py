@@ -296,3 +296,29 @@ def test_draft_from_the_load_checkpoint(tiny, tiny_llama, runtime, tmp_path):
     with pytest.raises(UsageError, match="the --load checkpoint.s head is eagle, not medusa"):
         check_draft(DraftConfig(draft="medusa"), tok, tcfg, load=src.load)
     assert ckpt.exists()
+
+
+def test_generate_and_acceptance_entry_points_with_a_head(tiny, tiny_llama, runtime, tmp_path, capsys):
+    """generate.sh / acceptance.sh entry points with --draft eagle --draft-model-path: the same
+    answers as without a drafter, AL reported; a head made for another target is refused at
+    --preflight."""
+    from post_training.cli import acceptance as acc_cli
+    from post_training.cli import generate as gen_cli
+
+    _, _, tcfg = tiny
+    cfg, state = _head(tcfg, "eagle3", 4096)
+    head = save_draft_head(cfg, state, tmp_path / "head")
+    base = ["--pretrained-model-path", str(tiny_llama), "--max-new-tokens", "10"]
+    assert gen_cli.main(base + ["--json-out", str(tmp_path / "plain.json")]) == 0
+    assert gen_cli.main(base + ["--draft", "eagle", "--draft-model-path", str(head), "--json-out",
+                                str(tmp_path / "spec.json")]) == 0
+    plain, spec = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "spec.json"))
+    assert [r["tokens"] for r in plain] == [r["tokens"] for r in spec]
+    assert "speculative (eagle, K=3)" in capsys.readouterr().out
+    assert acc_cli.main(["--pretrained-model-path", str(tiny_llama), "--draft", "eagle", "--draft-model-path",
+                         str(head), "--osl", "6", "--num-prompts", "1", "--categories", "math"]) == 0
+    assert "average AL" in capsys.readouterr().out
+    other = dict(cfg, vocab_size=32000)
+    bad = save_draft_head(other, random_head_state(other), tmp_path / "other")
+    with pytest.raises(UsageError, match="vocabulary 32000 != the target's 49152"):
+        gen_cli.main(base + ["--draft", "eagle", "--draft-model-path", str(bad), "--preflight"])
