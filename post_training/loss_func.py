@@ -21,7 +21,8 @@ loss`` (when layer pairs are set), ``total loss`` (the optimized one).
 
 Draft heads (:mod:`post_training.speculative.heads`): the model returns ModelOpt's per-token
 draft loss, reported as ``lm loss`` as Megatron-LM does; each train-time-test step
-(``eagle ttt-<i> loss``) or Medusa head (``medusa head-<i> loss``) is reported beside it.
+(``eagle ttt-<i> loss``, and ``eagle ttt-<i> acc``: the share of positions where the draft's top
+token is the target's) or Medusa head (``medusa head-<i> loss``) is reported beside it.
 """
 from __future__ import annotations
 

@@ -117,6 +117,25 @@ def test_calibrate_d2t():
         heads.calibrate_d2t(c, 7)
 
 
+def test_eagle_architecture_from_the_target(tmp_path):
+    """The draft layer is sized like a target layer (ModelOpt's megatron default is Llama-3-8B's),
+    aux ids listed in the order the plugin concatenates them, --eagle-config overrides last."""
+    target = {"num_hidden_layers": 30, "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+              "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000}
+    over = tmp_path / "e.json"
+    over.write_text(json.dumps({"use_last_layernorm": False}))
+    cfg = DraftTrainConfig(eagle_aux_layers="26,1,14,1", draft_vocab_size=8192, eagle_config=str(over))
+    arch = heads.eagle_architecture(cfg, target, torch.bfloat16)
+    assert (arch["intermediate_size"], arch["num_attention_heads"], arch["num_key_value_heads"],
+            arch["head_dim"]) == (1536, 9, 3, 64)
+    assert arch["rope_theta"] == 100000 and arch["torch_dtype"] == "bfloat16"
+    assert arch["eagle_aux_hidden_state_layer_ids"] == [1, 14, 26] and arch["draft_vocab_size"] == 8192
+    assert arch["use_aux_hidden_state"] is True and arch["use_last_layernorm"] is False
+    over.write_text("{not json")
+    with pytest.raises(UsageError, match="is not json"):
+        heads.eagle_architecture(cfg, target, torch.float32)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -129,7 +148,8 @@ def test_eagle3_trains_only_the_draft(eagle_ref):
     out = eagle_ref
     first, last = out["losses"][0], out["losses"][-1]
     print({k: [round(s[k], 4) for s in out["losses"]] for k in first})
-    assert set(first) == {"lm loss", "eagle ttt-0 loss", "eagle ttt-1 loss"}
+    assert set(first) == {"lm loss", "eagle ttt-0 loss", "eagle ttt-1 loss", "eagle ttt-0 acc", "eagle ttt-1 acc"}
+    assert all(0.0 <= s[k] <= 1.0 for s in out["losses"] for k in s if k.endswith("acc"))
     assert last["eagle ttt-0 loss"] < first["eagle ttt-0 loss"] - 0.05
     assert last["lm loss"] < first["lm loss"]
     assert out["target_unchanged"] and out["n_target"] > 10 and not out["target_grads"]

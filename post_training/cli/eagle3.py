@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
             d2t = heads.calibrate_d2t(counts, cfg.draft_vocab_size)
             print_rank_0(f"draft vocabulary: {cfg.draft_vocab_size} of {hf_config.vocab_size} tokens, "
                          f"{100 * heads.d2t_coverage(counts, d2t):.1f}% of the training tokens")
-        model = heads.convert_model(model, cfg, hf_config, rt, d2t)
+        model = heads.convert_model(model, cfg, hf_config, rt, d2t, seed=args.runtime.seed)
         print_rank_0(f"{cfg.algorithm} head attached (ModelOpt speculative mode "
                      f"{'medusa' if cfg.algorithm == 'medusa' else 'eagle'})")
     heads.prepare_for_training(model)

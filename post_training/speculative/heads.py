@@ -13,8 +13,9 @@ megatron-core GPTModel through ModelOpt's megatron plugins (``plugins/megatron_e
   data (ModelOpt's HF recipe; its megatron path leaves ``d2t`` zero). ``target_id = draft_id +
   d2t[draft_id]``; the plugin's loss is then the KL to the target's logits at those N ids,
   softmax-renormalised over them (``logits_kld_loss`` with the mapping).
-* :func:`prepare_for_training`: per-term loss reporting (each TTT step / Medusa head by name,
-  read by :func:`post_training.loss_func.loss_func`) and one correctness fix: megatron's
+* :func:`prepare_for_training`: per-term loss reporting (each TTT step's loss and top-1
+  agreement with the target / each Medusa head's loss by name, read by
+  :func:`post_training.loss_func.loss_func`) and one correctness fix: megatron's
   vocab-parallel cross entropy works in place on fp32 logits, and the EAGLE forward computes the
   (zero-weighted) base LM loss on the very logits it then distils from; fp32 logits are cloned
   first (bf16 ones are copied by its ``.float()`` anyway). Instance attributes of the converted
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 from types import MethodType
 from typing import Any, Iterable
 
@@ -106,9 +106,11 @@ def draft_kind(model) -> str | None:
     return next((m for m in modes if m in SPEC_MODES), None)
 
 
-def convert_model(model, cfg: DraftTrainConfig, hf_config: Any, rt, d2t: torch.Tensor | None = None):
+def convert_model(model, cfg: DraftTrainConfig, hf_config: Any, rt, d2t: torch.Tensor | None = None,
+                  seed: int = 1234):
     """Attach the draft head to this rank's target (built by ``setup_model(inference=False)``,
-    not DDP-wrapped). Returns the converted model; the target is frozen."""
+    not DDP-wrapped). Returns the converted model; the target is frozen. ``seed``: the head's
+    initial weights (the same on every TP rank)."""
     import modelopt.torch.speculative as mtsp
 
     from post_training.runtime.te_standins import apply_standins
@@ -122,7 +124,9 @@ def convert_model(model, cfg: DraftTrainConfig, hf_config: Any, rt, d2t: torch.T
         raise UsageError(f"--draft-vocab-size {cfg.draft_vocab_size} must be divisible by TP={rt.tp}")
     apply_standins()
     dtype = next(model.parameters()).dtype
-    torch.manual_seed(1234)  # the head's initial weights: the same on every TP rank and every run
+    from post_training.runtime.dist import seed_everything
+
+    seed_everything(seed)  # replicated head weights (fc, norms) must start equal on every TP rank
     model = mtsp.convert(model, convert_spec(cfg, hf_config, dtype))
     if d2t is not None:
         set_d2t(model, d2t)
@@ -198,10 +202,11 @@ def prepare_for_training(model) -> None:
         def recorded_eagle_loss(self, logits, labels, eagle_logits):
             out = eagle_loss(self, logits, labels, eagle_logits)  # [b, s-1]: position j -> j + 1
             terms = getattr(self, TERMS_ATTR)
-            step = len(terms)  # the plugin computes one loss per TTT step, in order
+            step = len(terms) // 2  # the plugin computes one loss per TTT step, in order
             full = torch.zeros(out.shape[0], out.shape[1] + 1, dtype=out.dtype, device=out.device)
             full[:, step + 1:] = out[:, step:].detach()  # where the plugin adds it to the loss
             terms.append((f"eagle ttt-{step} loss", full, step + 1))
+            terms.append((f"eagle ttt-{step} acc", _top1_match(self, logits, eagle_logits), step + 1))
             return out
 
         model.compute_language_model_loss = MethodType(safe_lm_loss, model)
@@ -223,6 +228,22 @@ def prepare_for_training(model) -> None:
             return out
 
         model.compute_language_model_loss = MethodType(recorded_lm_loss, model)
+
+
+def _top1_match(model, logits: torch.Tensor, eagle_logits: torch.Tensor) -> torch.Tensor:
+    """[b, s]: 1 where the draft's top token (mapped through d2t) at row t - 1 is the target's
+    top token at row t (ModelOpt's ``eagle_report_acc`` measure, per position)."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    with torch.no_grad():
+        target = gather_from_tensor_model_parallel_region(logits).argmax(-1)  # [s, b]
+        draft = gather_from_tensor_model_parallel_region(eagle_logits).argmax(-1)
+        d2t = getattr(model.eagle_module, "d2t", None)
+        if d2t is not None:
+            draft = draft + d2t[draft]
+        match = torch.zeros_like(target, dtype=torch.float32)
+        match[1:] = (draft[:-1] == target[1:]).float()
+    return match.transpose(0, 1)
 
 
 def recorded_terms(model) -> list[tuple[str, torch.Tensor, int]]:
