@@ -188,12 +188,17 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     target = staging if writer else Path(tempfile.mkdtemp(prefix="pt-export-scratch-"))
     info: dict = {}
+    head = draft_head(model, hf_dir)
     try:
         with tp_gathered(model, rt):
             export_mcore_gpt_to_hf(model, str(hf_dir), dtype=dtype, export_dir=str(target))
 
         def _finish() -> None:
             info["shards"], info["bytes"] = finalize(staging, dtype, cfg.max_shard_size)
+            if head is not None:  # after finalize: it repacks only the target's files
+                from post_training.speculative.eagle_draft import save_draft_head
+
+                info["draft"] = save_draft_head(*head, staging / draft_dir_name(head[0])).name
             check_output_dir(out, cfg.overwrite, "export dir")  # it may have been filled since --preflight
             commit(staging, out)
 
@@ -208,4 +213,33 @@ def export_model(model, rt: Runtime, hf_dir: Path, cfg: ExportConfig, model_dtyp
                      f"{dtype_name(dtype)}, quantization: "
                      f"{', '.join(sorted(formats)) or 'none'}, TP={rt.tp} PP={rt.pp}, "
                      f"{time.perf_counter() - t0:.1f}s")
+        if "draft" in info:
+            print_rank_0(f"exported the draft head to {out / info['draft']} (HF {head[0]['architectures'][0]} "
+                         "layout: --draft eagle|medusa --draft-model-path reads it)")
     return out
+
+
+def draft_dir_name(config: dict) -> str:
+    """Where a draft head goes inside the export dir: ``eagle3_draft``, ``eagle_draft`` or
+    ``medusa_draft`` (Megatron-LM's export.py writes only the head, into EXPORT_DIR itself, when
+    the model has one; here the target is exported as always and the head beside it)."""
+    arch = (config.get("architectures") or [""])[0]
+    return "medusa_draft" if "Medusa" in arch else "eagle3_draft" if "Eagle3" in arch else "eagle_draft"
+
+
+def draft_head(model, hf_dir: Path) -> tuple[dict, dict] | None:
+    """(config, state) of the model's trained draft head in the HF layout on every rank (the
+    last stage holds it, TP-gathered), or None when the model carries no ModelOpt speculative
+    mode. Collective: every rank calls it."""
+    import json
+
+    from post_training.runtime.collectives import broadcast_object_from_last_stage
+    from post_training.speculative.heads import draft_kind
+
+    if draft_kind(model) is None:
+        return None
+    from post_training.speculative.head_state import draft_head_state
+
+    hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+    head = draft_head_state(model, hf_config) if model.post_process else None
+    return broadcast_object_from_last_stage(head)

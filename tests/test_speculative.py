@@ -206,7 +206,7 @@ def test_refusals(tiny, tiny_llama, tmp_path):
     _, tok, hf_config = tiny
     with pytest.raises(UsageError, match="--draft-steps must be >= 1"):
         DraftConfig(draft="ngram", draft_steps=0)
-    with pytest.raises(UsageError, match=r"needs a trained draft head \(scripts/eagle3.sh\)"):
+    with pytest.raises(UsageError, match=r"--draft eagle needs a trained draft head: --draft-model-path DIR"):
         build_drafter(DraftConfig(draft="eagle"), tok, hf_config)
     assert build_drafter(DraftConfig(), tok, hf_config) is None
     # A draft of another vocabulary size, and one whose tokenizer maps ids differently.
@@ -231,7 +231,7 @@ def test_refusals(tiny, tiny_llama, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["mr_tp2", "mr_pp2"])
-def test_tp2_and_pp2_match_tp1(layout, request, tiny):
+def test_tp2_and_pp2_match_tp1(layout, request, tiny, tiny_llama):
     """At TP=2 and PP=2 (the shared launches): every rank returns the same tokens, and the n-gram
     and model drafters give exactly TP=1's plain greedy output."""
     ranks = request.getfixturevalue(layout)["spec"]["ranks"]
@@ -241,6 +241,18 @@ def test_tp2_and_pp2_match_tp1(layout, request, tiny):
     assert res["plain"] == res["ngram"]["tokens"] == res["model"]["tokens"] == ref
     assert sum(res["ngram"]["accepted"]) > 0 and sum(res["model"]["accepted"]) >= 3 * len(res["model"]["accepted"]) - 2
     assert len(res["sampled"]) == 16
+    # Random heads at this layout: lossless, and the same proposals as at TP=1 (tests/test_eagle_draft.py).
+    from post_training.speculative.eagle_draft import build_head
+    from post_training.speculative.head_layout import HeadConfig, head_config_for, random_head_state
+    from post_training.speculative.head_drafter import head_drafter
+
+    tcfg = json.loads((tiny_llama / "config.json").read_text())
+    for kind, dv in (("eagle3", 4096), ("eagle1", None), ("medusa", None)):
+        assert res[kind]["tokens"] == ref, kind
+        cfg = head_config_for(tcfg, kind, dv)
+        drafter = head_drafter(build_head(HeadConfig.from_hf(cfg), random_head_state(cfg, seed=1)), tiny[0])
+        st = speculative_generate(tiny[0], res["prompt"], drafter, GenerateConfig(max_new_tokens=24), 3)[1]
+        assert res[kind]["accepted"] == st.accepted and res[kind]["drafted"] == st.drafted, kind
 
 
 def test_generate_entry_point_drafts_and_refuses(tiny_llama, runtime, tmp_path, capsys):
@@ -256,7 +268,7 @@ def test_generate_entry_point_drafts_and_refuses(tiny_llama, runtime, tmp_path, 
     plain, spec = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "spec.json"))
     assert [r["tokens"] for r in plain] == [r["tokens"] for r in spec]
     assert "target steps, AL" in out and "speculative (ngram, K=2):" in out
-    for extra, needle in ((["--draft", "eagle"], "needs a trained draft head (scripts/eagle3.sh)"),
+    for extra, needle in ((["--draft", "eagle"], "--draft eagle needs a trained draft head: --draft-model-path DIR"),
                           (["--draft", "model", "--draft-model-path", str(tiny_llama),
                             "--transformer-impl", "transformer_engine"], "--draft needs the local layer spec")):
         with pytest.raises(UsageError, match=re.escape(needle)):

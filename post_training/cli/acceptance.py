@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     args = arguments.parse(argv, GROUPS, prog="acceptance.sh", defaults={"draft.draft": "ngram"},
                            description="acceptance length of a drafter on MT-Bench-style prompts")
     if args.draft.draft == "none":
-        raise UsageError("acceptance needs a drafter: --draft ngram or --draft model")
+        raise UsageError("acceptance needs a drafter: --draft ngram, model, eagle or medusa")
     hf.check_source(args.source, args.runtime)
     hf_dir = hf.source_hf_dir(args.source)
     tok = hf.load_tokenizer(hf_dir)
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     from post_training.speculative.drafters import check_draft
 
     target_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    check_draft(args.draft, tok, target_cfg, args.runtime.tp, args.runtime.pp)
+    check_draft(args.draft, tok, target_cfg, args.runtime.tp, args.runtime.pp, load=args.source.load)
     if args.preflight:
         return 0
     from post_training.generate import stop_token_ids
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
 
     rt = init_runtime(args.runtime)
     model, tok, hf_config = setup_model(args.source, args.model, rt, hf_dir=hf_dir)
-    drafter = build_drafter(args.draft, tok, hf_config, rt, args.model)
+    drafter = build_drafter(args.draft, tok, hf_config, rt, args.model, target=model, load=args.source.load)
     acc, k = args.acceptance, args.draft.draft_steps
 
     def progress(r) -> None:

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
                              "multi-token verify against the KV cache is tested): drop "
                              "--transformer-impl transformer_engine")
         target_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-        check_draft(dcfg, tok, target_cfg, args.runtime.tp, args.runtime.pp)
+        check_draft(dcfg, tok, target_cfg, args.runtime.tp, args.runtime.pp, load=args.source.load)
     if args.preflight:
         return 0
     from post_training.generate import generate, stop_token_ids
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     if dcfg.enabled:
         from post_training.speculative import build_drafter, speculative_generate
 
-        drafter = build_drafter(dcfg, tok, hf_config, rt, args.model)
+        drafter = build_drafter(dcfg, tok, hf_config, rt, args.model, target=model, load=args.source.load)
     results, totals = [], [0, 0, 0.0]  # tokens, target steps, seconds
     for i, (prompt, ids) in enumerate(zip(prompts, rendered)):
         t0 = time.perf_counter()

@@ -56,6 +56,26 @@ def broadcast_object_from_last_stage(obj: T) -> T:
     return box[0]
 
 
+def pp_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place: the sum of ``t`` over this rank's pipeline group (each stage fills its part,
+    zeros elsewhere, and every stage gets the whole)."""
+    if _initialized() and _pp_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def broadcast_from_first_stage(t: torch.Tensor) -> torch.Tensor:
+    """In place: every pipeline stage gets the first stage's ``t``."""
+    if _initialized() and _pp_size() > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_first_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
 def dp_sum(t: torch.Tensor) -> torch.Tensor:
     """In place: the sum of ``t`` over the data-parallel group."""
     from megatron.core import parallel_state as ps
@@ -123,5 +143,5 @@ def rank0_then_share(fn: Callable[[], T]) -> T | None:
     return result
 
 
-__all__ = ["broadcast_from_last_stage", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
+__all__ = ["broadcast_from_first_stage", "broadcast_from_last_stage", "pp_sum", "broadcast_object_from_last_stage", "broadcast_object", "comm_device", "dp_sum", "gather_objects",
            "last_stage_dp_sum", "rank0_then_share"]

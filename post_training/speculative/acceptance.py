@@ -97,8 +97,17 @@ def measure_acceptance(model, tokenizer, drafter, prompts: list[MTBenchPrompt], 
             answers: list[str] = []
             for t in range(turns):
                 ids = _render(tokenizer, turn_messages(p, answers))
-                answer = generate(model, ids, gcfg, max_seq_length=max_seq_length, seed=seed)
-                drafted, accepted = replay_acceptance(drafter, ids, answer, draft_steps)
+                if getattr(drafter, "hidden_spec", None) is not None:
+                    # A head drafts from the target's hidden states, which only a target forward
+                    # gives: run the lossless greedy speculative loop (its answer is the greedy one).
+                    from post_training.speculative.decode import speculative_generate
+
+                    answer, st = speculative_generate(model, ids, drafter, gcfg, draft_steps,
+                                                      max_seq_length=max_seq_length, seed=seed)
+                    drafted, accepted = st.drafted, st.accepted
+                else:
+                    answer = generate(model, ids, gcfg, max_seq_length=max_seq_length, seed=seed)
+                    drafted, accepted = replay_acceptance(drafter, ids, answer, draft_steps)
                 r = TurnResult(p.id, p.category, t + 1, len(answer), drafted, accepted)
                 out.append(r)
                 if on_turn is not None:

@@ -10,6 +10,10 @@ from norm(max(0, p - q)), and draw a bonus token from p when every draft was kep
 warped distribution :func:`post_training.generate.sample` draws from, q the drafter's (one-hot
 for deterministic drafters). The output then has plain sampling's distribution.
 
+A drafter that declares ``hidden_spec`` (a trained head: EAGLE, Medusa) gets the target's hidden
+states of every appended position through ``feed_hidden(rows, start)`` after each target forward;
+the forwards of other drafters carry no capture hooks.
+
 Every rank runs the same loop (see :mod:`post_training.generate`): the last pipeline stage
 verifies and broadcasts the kept tokens; drafters see the same context on every rank.
 """
@@ -23,6 +27,7 @@ import torch
 from post_training.config import GenerateConfig
 from post_training.generate import sampling_probs
 from post_training.inference import KVCache
+from post_training.inference.hidden import HiddenCapture
 from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
@@ -143,9 +148,21 @@ def speculative_generate(model, prompt_ids: list[int], drafter, gcfg: GenerateCo
         drafter.reset(list(prompt_ids))
     # Emitted tokens travel as [count, t_1 .. t_count] in a fixed-size buffer (same on all ranks).
     buf = torch.zeros(draft_steps + 2, dtype=torch.long, device=device)
+    spec = getattr(drafter, "hidden_spec", None)
+
+    def forward(tokens: list[int], all_logits: bool = False):
+        inp = torch.tensor([tokens], dtype=torch.long, device=device)
+        if spec is None:
+            return cache.forward(model, inp, all_logits=all_logits)
+        start = cache.length
+        with HiddenCapture(model, spec) as cap:
+            logits = cache.forward(model, inp, all_logits=all_logits)
+        drafter.feed_hidden(cap.result(len(tokens), 1)[:, 0], start)
+        return logits
+
     with cpu_compat.device_mode_suspended():
         if len(prompt_ids) > 1:  # the prompt minus its last token: no logits needed
-            cache.forward(model, torch.tensor([prompt_ids[:-1]], dtype=torch.long, device=device))
+            forward(prompt_ids[:-1])
         pending = prompt_ids[-1]  # the one token not yet in the cache
         while True:
             k = min(draft_steps, budget - len(out) - 1)
@@ -156,8 +173,7 @@ def speculative_generate(model, prompt_ids: list[int], drafter, gcfg: GenerateCo
                 stats.draft_seconds += time.perf_counter() - t0
             probs = getattr(drafter, "draft_probs", None) if draft else None
             base = cache.length
-            inp = torch.tensor([[pending] + draft], dtype=torch.long, device=device)
-            logits = cache.forward(model, inp, all_logits=bool(draft))
+            logits = forward([pending] + draft, all_logits=bool(draft))
             buf.zero_()
             if logits is not None:
                 new = verify(logits[0, -(len(draft) + 1):], draft, gcfg, gen,

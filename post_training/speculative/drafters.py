@@ -173,13 +173,15 @@ def check_same_tokenizer(draft_tok, target_tok, draft_vocab: int | None = None,
                          f"({target_vocab}): a draft model must share the target's vocabulary")
 
 
-def check_draft(cfg: DraftConfig, target_tok, target_hf_config: Any, tp: int = 1, pp: int = 1) -> None:
-    """What can be refused before any model loads (``--preflight`` runs it): a drafter that
-    needs training first, a draft model of another tokenizer or vocabulary, or one the
-    runtime's TP/PP cannot split (the draft runs at the target's layout)."""
+def check_draft(cfg: DraftConfig, target_tok, target_hf_config: Any, tp: int = 1, pp: int = 1,
+                load: str | None = None) -> None:
+    """What can be refused before any model loads (``--preflight`` runs it): a head that is not
+    there or was made for another target, a draft model of another tokenizer or vocabulary, or
+    one the runtime's TP/PP cannot split (the draft runs at the target's layout). ``load``: the
+    target's ``--load`` (a checkpoint trained by scripts/eagle3.sh carries its head)."""
     if cfg.draft in ("eagle", "medusa"):
-        raise UsageError(f"--draft {cfg.draft} needs a trained draft head (scripts/eagle3.sh); "
-                         "use --draft ngram or --draft model for now")
+        _check_head(cfg, target_hf_config, load)
+        return
     if cfg.draft != "model":
         return
     from post_training import hf
@@ -193,6 +195,47 @@ def check_draft(cfg: DraftConfig, target_tok, target_hf_config: Any, tp: int = 1
         hf.check_parallel(SimpleNamespace(**draft_hf), tp, pp)
     except UsageError as e:
         raise UsageError(f"draft model: {e} (it runs at the target's TP/PP)") from None
+
+
+def _target_field(target_hf_config: Any, name: str):
+    return (target_hf_config.get(name) if isinstance(target_hf_config, dict)
+            else getattr(target_hf_config, name, None))
+
+
+def checkpoint_head_mode(load: str | None) -> str | None:
+    """'eagle' / 'medusa' when ``load`` is a dist checkpoint saved with that ModelOpt mode."""
+    from post_training import hf
+    from post_training.io import layout
+
+    if not load or hf.load_kind(load) != "dist":
+        return None
+    modes = layout.read_meta(layout.find_checkpoint(load)).get("modelopt_modes") or []
+    return next((m for m in modes if m in ("eagle", "medusa")), None)
+
+
+def _check_head(cfg: DraftConfig, target_hf_config: Any, load: str | None = None):
+    """The head for ``--draft eagle|medusa``: an exported head directory made for this target,
+    or the one the target's ``--load`` checkpoint carries."""
+    from post_training.speculative.head_layout import check_head_for_target, read_head_config
+
+    if not cfg.draft_model_path:
+        mode = checkpoint_head_mode(load)
+        if mode == cfg.draft:
+            return None
+        if mode is not None:
+            raise UsageError(f"--draft {cfg.draft}: the --load checkpoint's head is {mode}, not {cfg.draft}")
+        raise UsageError(f"--draft {cfg.draft} needs a trained draft head: --draft-model-path DIR (an "
+                         "exported head, config.json + model.safetensors; scripts/export.sh writes "
+                         "<EXPORT_DIR>/eagle3_draft) or --load a checkpoint trained by scripts/eagle3.sh")
+    hc = read_head_config(cfg.draft_model_path)
+    if (hc.kind == "medusa") != (cfg.draft == "medusa"):
+        raise UsageError(f"--draft {cfg.draft}: {cfg.draft_model_path} holds a {hc.kind} head")
+    if target_hf_config is not None:
+        check_head_for_target(hc, _target_field(target_hf_config, "hidden_size"),
+                              _target_field(target_hf_config, "vocab_size"),
+                              _target_field(target_hf_config, "num_hidden_layers"),
+                              where=f"draft head {cfg.draft_model_path}")
+    return hc
 
 
 def draft_hf_dir(cfg: DraftConfig) -> Path:
@@ -210,15 +253,26 @@ def _draft_source(cfg: DraftConfig):
 
 
 def build_drafter(cfg: DraftConfig, target_tokenizer, target_hf_config: Any = None, rt=None,
-                  mcfg=None) -> Drafter | None:
+                  mcfg=None, target=None, load: str | None = None) -> Drafter | None:
     """The drafter ``cfg`` names (None for ``--draft none``). The model drafter is built at the
     runtime's TP/PP (``rt``, every rank holds its shard and runs every draft step) with the
-    target's model settings (``mcfg``: dtype, seq length)."""
+    target's model settings (``mcfg``: dtype, seq length). A head (eagle, medusa) reads the
+    ``target`` model's embedding (and output layer when it has no lm_head of its own); without
+    --draft-model-path it is the head the target's ``load`` checkpoint carries."""
     if cfg.draft == "none":
         return None
-    check_draft(cfg, target_tokenizer, target_hf_config, *((rt.tp, rt.pp) if rt is not None else (1, 1)))
+    check_draft(cfg, target_tokenizer, target_hf_config, *((rt.tp, rt.pp) if rt is not None else (1, 1)),
+                load=load)
     if cfg.draft == "ngram":
         return NgramDrafter(cfg.ngram_size)
+    if cfg.draft in ("eagle", "medusa"):
+        from post_training.speculative.eagle_draft import load_draft_head
+        from post_training.speculative.head_drafter import head_drafter, head_of_target
+
+        if target is None:
+            raise ValueError(f"--draft {cfg.draft} needs the target model to build the drafter")
+        head = load_draft_head(cfg.draft_model_path) if cfg.draft_model_path else head_of_target(target)
+        return head_drafter(head, target)
     if rt is None or mcfg is None:
         raise ValueError("--draft model needs the runtime and the model config to build the draft")
     from post_training.model_builder import setup_model
