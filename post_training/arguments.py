@@ -209,7 +209,8 @@ GROUPS: dict[str, Group] = {
              "scored before and after pruning (0: skip)"),
     )),
     "draft": Group(C.DraftConfig, "speculative decoding", (
-        Flag("--draft", "draft", choices=C.DRAFTERS), Flag("--draft-steps", "draft_steps"),
+        Flag("--draft", "draft", choices=C.DRAFTERS),
+        Flag("--draft-steps", "draft_steps", "tokens drafted per target step (K)"),
         Flag("--ngram-size", "ngram_size", "ngram: longest context suffix matched"),
         Flag("--draft-model-path", "draft_model_path", "model: HF directory of the draft"),
         Flag("--draft-load", "draft_load", "model / eagle / medusa: dist checkpoint of the draft"),

@@ -78,3 +78,25 @@ def test_tp2_every_rank_reports_the_tp1_al(mr_tp2, tiny_llama, runtime):
     tp1 = draft_heads.train(str(tiny_llama), runtime, "eagle3", steps=3, acceptance=True)["acceptance"]
     assert tp2["al"] >= 1.0 and set(tp2["categories"]) == set(MTBENCH_CATEGORIES)
     assert (tp2["tokens"], tp2["steps"]) == (tp1["tokens"], tp1["steps"])
+
+
+def test_medusa_head_saves_and_loads(tiny_llama, runtime, tmp_path):
+    """A Medusa checkpoint saves (ModelOpt's heads pass the caller's sharded-state-dict metadata
+    on to megatron's linear layers, which need dp_cp_group) and --load re-creates the head."""
+    import torch
+
+    from post_training.checkpointing.save import save_checkpoint
+    from post_training.config import ModelConfig, SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.speculative.head_state import draft_head_state
+    from post_training.speculative.heads import draft_kind
+    from workers import draft_heads
+
+    model, _ = draft_heads.build(str(tiny_llama), runtime, "medusa", draft_vocab=None)
+    _, state = draft_head_state(model)
+    save_checkpoint(model, runtime, tmp_path / "ck", 1, hf_dir=tiny_llama)
+    loaded, _, _ = setup_model(SourceConfig(load=str(tmp_path / "ck"), pretrained_model_path=str(tiny_llama)),
+                               ModelConfig(), runtime, hf_dir=tiny_llama)
+    assert draft_kind(loaded) == "medusa"
+    _, again = draft_head_state(loaded)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
