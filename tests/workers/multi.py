@@ -13,7 +13,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
   --load NAME=DIR      load DIR at this layout and record logits / amax
   --distill TEACHER    3 distillation steps toward TEACHER with --kd-cfg (distill.py)
   --distill-dp         last: the same at TP=1 PP=1 over all ranks (DP = world size)
-  --spec               speculative generation: plain, n-gram, model drafter, sampled (spec.py)
+  --spec               speculative generation: plain, n-gram, model drafter, random EAGLE-3 /
+                       EAGLE-1 / Medusa heads, sampled (spec.py)
   --acceptance         report_draft_acceptance_length with an n-gram drafter (every rank
                        must return the same numbers)
   --prune DIR          Minitron depth pruning 4 -> 2 layers on the built-in calibration text
