@@ -205,7 +205,8 @@ def table(r: dict) -> None:
           f"alone on 2 cores)")
     heads = [h for h in ("eagle", "medusa") if h in acc]
     cols = heads + ["ngram"]
-    print("| | " + " | ".join(cols) + " | target | CPU s |\n|---|" + "---|" * (len(cols) + 2))
+    title = {"eagle": "EAGLE-3 head", "medusa": "Medusa heads", "ngram": "n-gram"}
+    print("| | " + " | ".join(title[c] for c in cols) + " | target | CPU s |\n|---|" + "---|" * (len(cols) + 2))
     syn = st.get("synthesis")
     if syn:
         print(f"| data synthesis (batched) | {r['data']['conversations']} conversations, "
