@@ -162,4 +162,11 @@ def setup_model(src: SourceConfig, mcfg: ModelConfig, rt: Runtime, inference: bo
     model.eval()
     if inference:
         model.requires_grad_(False)
+        if src.load and hf_mod.load_kind(src.load) == "dist":
+            from post_training.speculative.heads import draft_kind
+
+            if draft_kind(model) is not None:  # a checkpoint with a trained draft head (eagle3.sh)
+                from post_training.speculative.head_drafter import use_plain_forward
+
+                use_plain_forward(model)
     return model, hf_mod.load_tokenizer(hf_dir), hf_config

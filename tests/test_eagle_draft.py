@@ -288,6 +288,8 @@ def test_draft_from_the_load_checkpoint(tiny, tiny_llama, runtime, tmp_path):
     ckpt = save_checkpoint(model, runtime, tmp_path / "ckpt", 1, hf_dir=tiny_llama)
     src = SourceConfig(load=str(tmp_path / "ckpt"), pretrained_model_path=str(tiny_llama))
     loaded, _, _ = setup_model(src, ModelConfig(), runtime, hf_dir=tiny_llama)
+    # Plain generation from such a checkpoint decodes as the target (not ModelOpt's training forward).
+    assert generate(loaded, PROMPT, G) == generate(target, PROMPT, G)
     drafter = build_drafter(DraftConfig(draft="eagle"), tok, tcfg, target=loaded, load=src.load)
     out, st = speculative_generate(loaded, PROMPT, drafter, G, 3)
     assert out == generate(target, PROMPT, G)

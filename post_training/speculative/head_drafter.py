@@ -20,7 +20,7 @@ from post_training.inference.hidden import HiddenSpec
 from post_training.speculative.eagle_draft import EagleDraft, MedusaDraft
 
 __all__ = ["EagleDrafter", "MedusaDrafter", "target_embedding", "target_output_weight", "head_drafter",
-           "head_of_target"]
+           "head_of_target", "use_plain_forward"]
 
 
 def target_embedding(model) -> torch.Tensor:
@@ -174,10 +174,6 @@ def head_of_target(model) -> EagleDraft | MedusaDraft:
     ``forward`` becomes GPTModel's again and the plugin's aux-state hooks on the decoder layers
     (which keep a copy of every forward's states) are removed: the instance changes, no
     upstream code does, as :mod:`post_training.speculative.heads` does for training."""
-    from types import MethodType
-
-    from megatron.core.models.gpt import GPTModel
-
     from post_training.runtime.collectives import broadcast_object_from_last_stage
     from post_training.speculative.eagle_draft import build_head
     from post_training.speculative.head_layout import HeadConfig
@@ -189,9 +185,21 @@ def head_of_target(model) -> EagleDraft | MedusaDraft:
         raise UsageError("the target carries no trained draft head: pass --draft-model-path DIR")
     head = draft_head_state(model) if model.post_process else None
     config, state = broadcast_object_from_last_stage(head)
+    use_plain_forward(model)
+    return build_head(HeadConfig.from_hf(config), state, where="the --load checkpoint's draft head")
+
+
+def use_plain_forward(model) -> None:
+    """Make a ModelOpt-converted target (EAGLE / Medusa mode restored by a checkpoint load) run
+    as the plain GPTModel: its own forward is the training forward, which ignores the KV cache
+    (plain generation from such a checkpoint decoded each token without context), and EAGLE's
+    aux-state hooks keep a copy of every forward's states. Instance attributes only."""
+    from types import MethodType
+
+    from megatron.core.models.gpt import GPTModel
+
     model.forward = MethodType(GPTModel.forward, model)
     for layer in model.decoder.layers:
         for key, hook in list(layer._forward_hooks.items()):
             if getattr(hook, "__name__", "") == "_transformer_layer_forward_hook":
                 del layer._forward_hooks[key]
-    return build_head(HeadConfig.from_hf(config), state, where="the --load checkpoint's draft head")
