@@ -18,7 +18,7 @@ greedy. Every stage is a script a user runs; this file chains them (subprocess) 
 json / last lines. CPU seconds per stage (getrusage of the children) say what a run costs
 alone on a shared machine: CPU s / 2 on the 2 cores.
 
-    .venv/bin/python benchmarks/eagle_recipe.py --work /tmp/eagle [--data FILE] [--steps 300]
+    .venv/bin/python benchmarks/eagle_recipe.py --work /tmp/eagle [--data FILE] [--steps 300 --gbs 8 --seq-length 256]
     # plumbing check: --steps 2 --conversations 4 --num-prompts 1 --osl 16 --track-osl 16 ...
 """
 from __future__ import annotations
@@ -65,8 +65,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=4)
-    ap.add_argument("--seq-length", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    # 300 x 8 x 256 = 614k tokens: about 7 ms a token under load (RESULTS.md, eagle3.sh 200 x 4 x
+    # 256 in 23 min), so ~45 min alone on the 2 cores; the lr that trained there
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--draft-vocab-size", type=int, default=8192)
     ap.add_argument("--eval-interval", type=int, default=0, help="AL tracking interval (default: steps / 6)")
     ap.add_argument("--track-osl", type=int, default=64, help="answer tokens of the AL tracked in training")
