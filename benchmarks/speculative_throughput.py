@@ -1,8 +1,15 @@
 """Speculative generation throughput on CPU: plain greedy vs n-gram (prompt lookup) vs a draft
-model, and transformers' own prompt-lookup generation, on the same prompts, in one process.
+model vs trained draft heads (EAGLE / Medusa), and transformers' own prompt-lookup generation,
+on the same prompts, in one process.
 
     .venv/bin/python benchmarks/speculative_throughput.py [--num-prompts 6] [--osl 128]
         [--draft-steps 3] [--ngram-size 3] [--draft-layers 0-9] [--draft-model-path DIR]
+        [--draft-head CKPT_OR_DIR ...] [--json-out FILE]
+
+``--draft-head`` (repeatable) adds a row per trained head: a checkpoint of scripts/eagle3.sh
+(its ModelOpt head, as ``--draft eagle`` with ``--load``) or an exported head directory
+(``<EXPORT_DIR>/eagle3_draft``), named by its kind (eagle / medusa); its draft cost d is its
+measured proposal time per drafted token.
 
 Target: the default SmolLM2-135M-Instruct, fp32, one process. Prompts (chat template applied):
 the project's offline MT-Bench-style set (``--prompt-set offline``, the default:
@@ -118,6 +125,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated methods to leave out (model, hf)")
     ap.add_argument("--cost-reps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--draft-head", action="append", default=[],
+                    help="trained head: scripts/eagle3.sh checkpoint or exported head dir (repeatable)")
+    ap.add_argument("--json-out", default=None, help="every row and the measured costs as json")
     a = ap.parse_args()
 
     import torch
@@ -156,6 +166,10 @@ def main() -> None:
         drafters["model"] = ModelDrafter(dmodel)
         print(f"draft model: {ddir.name} ({dmodel.config.num_layers} layers)")
 
+    for path in a.draft_head:
+        name = head_row(path, model, rt, drafters)
+        print(f"draft head: {name} from {path}")
+
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval() if "hf" not in skip else None
     if ref is not None and not a.stop_at_eos:
         ref.generation_config.eos_token_id = None  # run to --osl like the toolkit's runs
@@ -177,6 +191,9 @@ def main() -> None:
     methods = {"plain greedy": run_plain, "n-gram": lambda p: run_spec("ngram", p)}
     if "model" in drafters:
         methods["draft model"] = lambda p: run_spec("model", p)
+    for name in drafters:
+        if name not in ("ngram", "model"):
+            methods[name] = lambda p, n=name: run_spec(n, p)
     if ref is not None:
         methods["hf greedy"] = lambda p: run_hf(None, p)
         methods["hf prompt lookup"] = lambda p: run_hf(K, p)
@@ -225,20 +242,50 @@ def main() -> None:
         be = v[K + 1] / t1 + K * d_model / t1
         print(f"draft model break-even: AL {be:.2f} at K={K} (v(K+1)/t1 + K*d/t1); the ideal AL "
               f"K+1 = {K + 1} would give {(K + 1) / be:.2f}x")
-    print(f"{'method':<18}{'tok/s':>8}{'vs plain':>10}{'AL':>7}{'steps':>7}{'predicted':>11}  identical")
+    print(f"{'method':<18}{'tok/s':>8}{'vs plain':>10}{'AL':>7}{'steps':>7}{'d/t1':>7}{'predicted':>11}  identical")
+    rows = {}
     for name, (sec, outs, stats) in results.items():
         stats = stats or None
         tps = sum(len(o) for o in outs) / sec
         same = outs == results["plain greedy"][1]
-        al = steps = pred = ""
+        row = rows[name] = {"tok_s": tps, "vs_plain": tps / base_tps, "identical": same}
+        al = steps = pred = dt1 = ""
         if stats:
             n_steps = sum(s.steps for s in stats)
             toks = sum(s.tokens for s in stats)
             d = d_model if name == "draft model" else sum(s.draft_seconds for s in stats) / max(
                 1, sum(x for s in stats for x in s.drafted))
             cost = sum(v[dr + 1] + dr * d for s in stats for dr in s.drafted)
-            al, steps, pred = f"{toks / n_steps:.2f}", str(n_steps), f"{toks * t1 / cost:.2f}x"
-        print(f"{name:<18}{tps:8.1f}{tps / base_tps:9.2f}x{al:>7}{steps:>7}{pred:>11}  {same}")
+            row.update(al=toks / n_steps, steps=n_steps, d_over_t1=d / t1, predicted=toks * t1 / cost)
+            al, steps, pred, dt1 = f"{toks / n_steps:.2f}", str(n_steps), f"{toks * t1 / cost:.2f}x", f"{d / t1:.2f}"
+        print(f"{name:<18}{tps:8.1f}{tps / base_tps:9.2f}x{al:>7}{steps:>7}{dt1:>7}{pred:>11}  {same}")
+    if a.json_out:
+        import json
+
+        Path(a.json_out).write_text(json.dumps({
+            "prompts": len(prompts), "prompt_set": a.prompt_set, "osl": a.osl, "draft_steps": K,
+            "tokens": total, "t1_ms": t1 * 1e3, "v_over_t1": {k: v[k] / t1 for k in v},
+            "threads": torch.get_num_threads(), "methods": rows}, indent=1))
+
+
+def head_row(path: str, target, rt, drafters: dict) -> str:
+    """Add the drafter of a trained head (checkpoint or exported dir) to ``drafters``; its name."""
+    from post_training.config import ModelConfig, SourceConfig
+    from post_training.model_builder import setup_model
+    from post_training.speculative.eagle_draft import MedusaDraft, load_draft_head
+    from post_training.speculative.head_drafter import head_drafter, head_of_target
+
+    if (Path(path) / "model.safetensors").is_file():
+        head = load_draft_head(path)
+    else:  # the checkpoint's target is the same frozen model: only its head is kept
+        holder, _, _ = setup_model(SourceConfig(load=path), ModelConfig(), rt)
+        head = head_of_target(holder)
+        del holder
+    name = "medusa" if isinstance(head, MedusaDraft) else "eagle"
+    while name in drafters:
+        name += "'"
+    drafters[name] = head_drafter(head, target)
+    return name
 
 
 if __name__ == "__main__":

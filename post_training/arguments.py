@@ -9,6 +9,8 @@ An entry point composes the groups it needs::
     args.runtime    # ParallelConfig
     args.generate   # GenerateConfig
 
+A group name may name some of its fields (``"draft:draft_steps"``): only their flags are added.
+
 A flag may name the environment variable the launch scripts read for it (``MLM_MODEL_SAVE`` for
 ``--save``, ...); a set variable is the flag's default, an explicit flag wins. Only entry points
 import this module; the library receives the dataclasses.
@@ -207,7 +209,8 @@ GROUPS: dict[str, Group] = {
              "scored before and after pruning (0: skip)"),
     )),
     "draft": Group(C.DraftConfig, "speculative decoding", (
-        Flag("--draft", "draft", choices=C.DRAFTERS), Flag("--draft-steps", "draft_steps"),
+        Flag("--draft", "draft", choices=C.DRAFTERS),
+        Flag("--draft-steps", "draft_steps", "tokens drafted per target step (K)"),
         Flag("--ngram-size", "ngram_size", "ngram: longest context suffix matched"),
         Flag("--draft-model-path", "draft_model_path", "model: HF directory of the draft"),
         Flag("--draft-load", "draft_load", "model / eagle / medusa: dist checkpoint of the draft"),
@@ -273,13 +276,25 @@ def _env_default(flag: Flag, kind: type, env: Mapping[str, str]) -> Any:
         raise UsageError(f"{flag.env}={raw!r} is not a valid {flag.flag} value") from None
 
 
+def _split(spec: str) -> tuple[str, set[str] | None]:
+    """``"acceptance"``: the whole group; ``"acceptance:osl,mtbench_path"``: those fields' flags
+    only (an entry point that needs a few settings of a group; the others keep their defaults)."""
+    name, _, only = spec.partition(":")
+    return name, (set(only.split(",")) if only else None)
+
+
 def _add_group(p: argparse.ArgumentParser, name: str, group: Group, overrides: Mapping[str, Any],
-               env: Mapping[str, str]) -> None:
+               env: Mapping[str, str], only: set[str] | None = None) -> None:
     g = p.add_argument_group(group.title)
     fields = {f.name: f for f in dataclasses.fields(group.cls)}
     types = typing.get_type_hints(group.cls)
     mutex: dict[str, Any] = {}
+    unknown = (only or set()) - {fl.field for fl in group.flags}
+    if unknown:
+        raise KeyError(f"flag group {name!r} has no flag for {', '.join(sorted(unknown))}")
     for fl in group.flags:
+        if only is not None and fl.field not in only:
+            continue
         kind = _scalar(types[fl.field])
         dest = f"{name}.{fl.field}"
         default = overrides.get(dest, _default(fields[fl.field]))
@@ -316,10 +331,11 @@ def build_parser(groups: Sequence[str], prog: str, description: str | None = Non
     p = OneLineParser(prog=prog, usage=usage, description=description, epilog=epilog,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
-    for name in groups:
+    for spec in groups:
+        name, only = _split(spec)
         if name not in GROUPS:
             raise KeyError(f"unknown flag group {name!r}")
-        _add_group(p, name, GROUPS[name], defaults or {}, env)
+        _add_group(p, name, GROUPS[name], defaults or {}, env, only)
     return p
 
 
@@ -331,7 +347,7 @@ def parse(argv: Sequence[str] | None, groups: Sequence[str], *, prog: str, descr
     ns = build_parser(groups, prog, description, defaults, env, script_env).parse_args(argv)
     raw = vars(ns)
     out = SimpleNamespace(preflight=raw.pop("preflight"))
-    for name in groups:
+    for name, _ in map(_split, groups):
         values = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(name + ".")}
         setattr(out, name, GROUPS[name].cls(**values))
     return out

@@ -1,5 +1,5 @@
 """What the training loop prints and writes: Megatron-style log lines, the jsonl record, the
-progress bar and the loss-curve PNG. No megatron-core here: the loop hands plain numbers."""
+progress bar, the loss-curve PNG and the acceptance-length curve of a draft head. No megatron-core here: the loop hands plain numbers."""
 from __future__ import annotations
 
 import json
@@ -88,6 +88,38 @@ def plot_loss_curves(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_acceptance_curve(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """One PNG: the draft head's acceptance length (overall and per category) against the
+    training tokens, from the ``acceptance`` records; None when there are none."""
+    rows = [r for r in records if r.get("kind") == "acceptance"]
+    if rank() != 0 or not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [r["consumed_tokens"] for r in rows]
+    for cat in dict.fromkeys(c for r in rows for c in r.get("categories", {})):
+        pts = [(r["consumed_tokens"], r["categories"][cat]) for r in rows if cat in r.get("categories", {})]
+        ax.plot(*zip(*pts), ".-", lw=0.8, alpha=0.45, label=cat)
+    ax.plot(x, [r["al"] for r in rows], "o-", color="black", lw=2, label="all (ratio of sums)")
+    k = rows[-1].get("draft_steps")
+    if k:
+        ax.axhline(k + 1, color="grey", ls=":", lw=1, label=f"K+1 = {k + 1}")
+    ax.set_xlabel("training tokens (sequence positions fed)")
+    ax.set_ylabel("acceptance length (tokens / target step)")
+    ax.set_title(f"draft AL during training, K={k}, osl {rows[-1].get('osl')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from megatron.core import parallel_state as ps
@@ -29,8 +29,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from post_training.config import BatchConfig, EMBEDDED_MODEL, LoopConfig, SaveConfig, TrainConfig
 from post_training.io import layout as cio
 from post_training.runtime import Runtime, memory_report
-from post_training.train_log import (TrainLog, format_eval_line, format_train_line, plot_loss_curves,
-                                     progress_bar)
+from post_training.train_log import (TrainLog, format_eval_line, format_train_line, plot_acceptance_curve,
+                                     plot_loss_curves, progress_bar)
 from post_training.training import (Microbatch, StepResult, build_optimizer, forward_step,
                                     losses_on_every_rank, train_step)
 from post_training.utils import UsageError, print_rank_0
@@ -60,6 +60,7 @@ class LoopResult:
     records: list[dict] = field(default_factory=list)  # every train / valid record, in order
     last_checkpoint: Path | None = None
     plot: Path | None = None
+    acceptance_plot: Path | None = None
 
 
 def quantizer_summary(model) -> str | None:
@@ -166,9 +167,13 @@ def _resume(load: str | None, model, rt: Runtime, optimizer, scheduler, loop: Lo
 def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, batch: BatchConfig,
                  loop: LoopConfig, save: SaveConfig, load: str | None = None, seed: int = 1234,
                  hf_dir: Path | None = None, model_conf: str = EMBEDDED_MODEL,
-                 adjust_tensor_shapes_fn=None) -> LoopResult:
+                 adjust_tensor_shapes_fn=None, non_loss_data_func: Callable[[Any], dict] | None = None
+                 ) -> LoopResult:
     """Train ``model`` (this rank's stage, trainable: ``setup_model(..., inference=False)``,
-    wrapped for distillation / LoRA already) up to ``train.train_iters``. Collective."""
+    wrapped for distillation / LoRA already) up to ``train.train_iters``. Collective.
+    ``non_loss_data_func(model) -> record`` (collective, the model in train mode on return)
+    runs every ``loop.eval_interval`` iterations and at the end; the loop adds the iteration
+    and the consumed samples / tokens (sequence positions fed) to the record it logs."""
     dp = ps.get_data_parallel_world_size()
     gbs = batch.global_size(dp)
     batch.num_microbatches(dp)  # the divisibility error, before anything is built
@@ -181,6 +186,8 @@ def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, bat
     log = TrainLog(loop.log_file, start=it)
     result = LoopResult(it, consumed, log.records)
     saved_at = -1
+    seq_len = 0  # positions per sample, from the batches (consumed tokens = consumed samples * seq_len)
+    reported_at = -1
 
     def checkpoint() -> None:
         nonlocal saved_at
@@ -197,6 +204,12 @@ def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, bat
         print_rank_0(format_eval_line(it, losses))
         log.add({"kind": "valid", "iteration": it, "consumed_samples": consumed, "losses": losses})
 
+    def run_non_loss() -> None:
+        nonlocal reported_at
+        rec = non_loss_data_func(model)
+        log.add({**rec, "iteration": it, "consumed_samples": consumed, "consumed_tokens": consumed * seq_len})
+        reported_at = it
+
     bar = progress_bar(loop.progress, train.train_iters, it)
     window: list[StepResult] = []
     tokens = 0
@@ -207,7 +220,8 @@ def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, bat
             res = train_step(model, optimizer, scheduler, mbs, batch, adjust_tensor_shapes_fn)
             it += 1
             consumed += gbs
-            tokens += gbs * mbs[0]["tokens"].size(1)
+            seq_len = mbs[0]["tokens"].size(1)
+            tokens += gbs * seq_len
             bad = _first_non_finite(res)
             if bad is not None:
                 where = (f"last checkpoint: {result.last_checkpoint}" if result.last_checkpoint
@@ -235,6 +249,8 @@ def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, bat
             t_side = time.perf_counter()
             if data.valid is not None and loop.eval_interval and it % loop.eval_interval == 0:
                 run_eval()
+            if non_loss_data_func is not None and loop.eval_interval and it % loop.eval_interval == 0:
+                run_non_loss()
             if save.save and loop.save_interval and it % loop.save_interval == 0:
                 checkpoint()
             t_window += time.perf_counter() - t_side  # ms/iteration and tokens/s count training only
@@ -244,6 +260,8 @@ def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, bat
         result.iteration, result.consumed_samples = it, consumed
     if data.valid is not None and loop.eval_interval and it % loop.eval_interval != 0:
         run_eval()  # Megatron also evaluates at the end of training
+    if non_loss_data_func is not None and reported_at != it:
+        run_non_loss()
     if save.save and saved_at != it:
         checkpoint()
     if loop.plot:
@@ -252,4 +270,7 @@ def run_training(model, rt: Runtime, data: TrainData, *, train: TrainConfig, bat
             result.plot = plot_loss_curves(log.records, where / "loss_curves.png")
             if result.plot:
                 print_rank_0(f"loss curves: {result.plot}")
+            result.acceptance_plot = plot_acceptance_curve(log.records, where / "acceptance_curve.png")
+            if result.acceptance_plot:
+                print_rank_0(f"acceptance length vs training tokens: {result.acceptance_plot}")
     return result

@@ -141,7 +141,7 @@ def test_eagle_architecture_from_the_target(tmp_path):
 
 @pytest.fixture(scope="module")
 def eagle_ref(tiny_llama, runtime):
-    return draft_heads.train(str(tiny_llama), runtime, "eagle3", steps=3)
+    return draft_heads.train(str(tiny_llama), runtime, "eagle3", steps=3, acceptance=True)
 
 
 def test_eagle3_trains_only_the_draft(eagle_ref):
@@ -323,3 +323,8 @@ def test_tp2_reproduces_tp1(mr_tp2, eagle_ref):
             assert a[k] == pytest.approx(b[k], rel=1e-4), k
     for k, v in eagle_ref["head"].items():
         torch.testing.assert_close(tp2["head"][k], v, rtol=1e-3, atol=1e-4)
+    # the loop's draft AL report on the trained head: every rank the same (checked in the
+    # worker), the same tokens and target steps as TP=1
+    al1, al2 = eagle_ref["acceptance"], tp2["acceptance"]
+    assert al2["al"] >= 1.0 and al2["categories"].keys() == al1["categories"].keys()
+    assert (al2["tokens"], al2["steps"]) == (al1["tokens"], al1["steps"])

@@ -120,6 +120,10 @@ def load_model_checkpoint(path: str | Path, model, rt: Runtime, *, strictness: s
         from post_training.runtime.te_standins import apply_standins
 
         apply_standins()  # restoring the mode re-builds the EAGLE module (TE classes without TE)
+    if "medusa" in meta.get("modelopt_modes", []):
+        from post_training.runtime.fixes import apply_medusa_fix
+
+        apply_medusa_fix()  # restoring reads the heads' sharded state dict (see the entry)
     try:
         restore_sharded_modelopt_state([model], str(iter_dir))
         from post_training.quant_modules import disable_unsaved_output_layer_quantizers

@@ -7,6 +7,12 @@ another; here one run does both: a target without a head is converted (and ``d2t
 from the training data with ``--draft-vocab-size``), a ``--load`` that already holds a head
 (a previous run's checkpoint) resumes it. The loop, data, logging and checkpoints are the SFT
 ones (:mod:`post_training.train_loop`, :mod:`post_training.chat_data`).
+
+Every ``--eval-interval`` iterations and at the end, the head being trained drafts for the
+target on the first prompt of each category of ``--mtbench-path`` (default: the built-in offline
+set, first turns; ``--osl`` tokens, ``--draft-steps`` K): the ``draft AL`` line, an
+``acceptance`` record in ``--log-file`` and ``acceptance_curve.png`` (AL against training tokens)
+beside ``loss_curves.png`` (:func:`post_training.non_loss_data_func.draft_acceptance_tracker`).
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from post_training import arguments, hf
 from post_training.cli import run_entry
 from post_training.utils import UsageError, print_rank_0, warn_rank_0
 
-GROUPS = ["runtime", "model", "source", "save", "batch", "train", "loop", "sft", "draft_train"]
+GROUPS = ["runtime", "model", "source", "save", "batch", "train", "loop", "sft", "draft_train",
+          "draft:draft_steps", "acceptance:osl,mtbench_path"]
 
 
 def check(args) -> None:
@@ -38,6 +45,9 @@ def check(args) -> None:
     shape = hf.source_shape(args.source)
     if {"num_hidden_layers", "vocab_size"} <= shape.keys():
         cfg.check_target(int(shape["num_hidden_layers"]), int(shape["vocab_size"]))
+    from post_training.speculative.mtbench import load_mtbench
+
+    load_mtbench(args.acceptance.mtbench_path)  # the acceptance prompts: a bad file fails here
 
 
 def main(argv: list[str]) -> int:
@@ -49,6 +59,7 @@ def main(argv: list[str]) -> int:
         return 0
     from post_training.chat_data import build_sft_datasets, global_batches
     from post_training.model_builder import setup_model
+    from post_training.non_loss_data_func import draft_acceptance_tracker
     from post_training.runtime import init_runtime
     from post_training.speculative import heads
     from post_training.train_loop import TrainData, run_training
@@ -61,7 +72,7 @@ def main(argv: list[str]) -> int:
     train_split, valid_split = build_sft_datasets(args.sft, tok, args.model.seq_length, args.runtime.seed)
     if args.loop.eval_interval and valid_split is None:
         warn_rank_0("--eval-interval given but there is no validation split (--finetune-valid-fraction): "
-                    "no evaluation")
+                    "no validation loss (the draft AL is still reported)")
     if not args.save.save:
         warn_rank_0("no --save (MLM_MODEL_SAVE): the trained head will not be saved")
     model, tok, hf_config = setup_model(args.source, args.model, rt, inference=False, hf_dir=hf_dir)
@@ -87,11 +98,16 @@ def main(argv: list[str]) -> int:
 
     data = TrainData(train=lambda consumed: batches(train_split, consumed),
                      valid=(lambda: batches(valid_split, 0)) if valid_split is not None else None)
+    track = draft_acceptance_tracker(tok, hf_config, osl=args.acceptance.osl, draft_steps=args.draft.draft_steps,
+                                     mtbench_path=args.acceptance.mtbench_path)
     res = run_training(model, rt, data, train=args.train, batch=args.batch, loop=args.loop, save=args.save,
                        load=args.source.load, seed=args.runtime.seed, hf_dir=hf_dir,
-                       model_conf=args.source.model_conf)
+                       model_conf=args.source.model_conf, non_loss_data_func=track)
     last = [r for r in res.records if r["kind"] == "train"]
     summary = " | ".join(f"{k}: {v:.4f}" for k, v in last[-1]["losses"].items()) if last else ""
+    al = [r for r in res.records if r["kind"] == "acceptance"]
+    if al:
+        summary += f" | draft AL {al[-1]['al']:.3f} (K={args.draft.draft_steps}, ratio of sums)"
     print_rank_0(f"trained to iteration {res.iteration} ({res.consumed_samples} samples) | {summary}")
     if res.last_checkpoint:
         draft = "medusa" if cfg.algorithm == "medusa" else "eagle"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from post_training.runtime.patches import ALWAYS, AttrSwap, Patch, swaps
+from post_training.runtime.patches import ALWAYS, ON_DEMAND, AttrSwap, Patch, swaps
 
 
 def _glu_quantizer_sharded_state_dict(orig: Any):
@@ -61,6 +61,27 @@ def _output_layer_sharded_state_dict(upstream: Any):
         return sd
 
     return sharded_state_dict
+
+
+def _medusa_head_sharded_state_dict(orig: Any):
+    """ModelOpt's ``MedusaHead.sharded_state_dict`` with the metadata megatron's layers need
+    (see the ``modelopt_medusa_sharding_metadata`` entry)."""
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        return orig(self, prefix, sharded_offsets, ensure_metadata_has_dp_cp_group(metadata))
+
+    return sharded_state_dict
+
+
+MEDUSA_FIX = "modelopt_medusa_sharding_metadata"
+
+
+def apply_medusa_fix() -> None:
+    """Apply :data:`MEDUSA_FIX` (a Medusa head is built or loaded)."""
+    from post_training.runtime import patches
+
+    patches.apply(MEDUSA_FIX)
 
 
 def _register_sdpa_quant_module() -> None:
@@ -219,5 +240,22 @@ PATCHES = [
                  "compute_language_model_loss": "(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor",
                  "megatron.core.tensor_parallel.cross_entropy:VocabParallelCrossEntropy.calculate_logits_max":
                      "(vocab_parallel_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]"},
+        group="fixes"),
+    Patch(
+        MEDUSA_FIX,
+        {"modelopt.torch.speculative.plugins.megatron_medusa:MedusaHead.sharded_state_dict":
+             "(self, prefix: str = '', sharded_offsets: tuple = (), metadata: dict | None = None) -> "
+             "Dict[str, Any]"},
+        "ModelOpt 0.47's Medusa model passes its caller's sharded-state-dict metadata unchanged to "
+        "each MedusaHead, whose lm_head (megatron-core 0.16.1 ColumnParallelLinear) reads "
+        "metadata['dp_cp_group']; megatron's own modules fill that entry when the metadata is None "
+        "(ensure_metadata_has_dp_cp_group), the Medusa heads do not, and ModelOpt's "
+        "restore_sharded_modelopt_state calls sharded_state_dict() without metadata: every save "
+        "and load of a Medusa checkpoint failed with TypeError. The head fills the entry the same way",
+        ON_DEMAND, *swaps(AttrSwap("modelopt.torch.speculative.plugins.megatron_medusa:MedusaHead."
+                                   "sharded_state_dict", _medusa_head_sharded_state_dict)),
+        covers="post_training.speculative.heads.convert_model and post_training.checkpointing.load."
+               "load_model_checkpoint (a Medusa checkpoint)",
+        depends={"megatron.core.transformer.utils:ensure_metadata_has_dp_cp_group": "(metadata: Optional[dict]) -> dict"},
         group="fixes"),
 ]

@@ -123,6 +123,10 @@ def convert_model(model, cfg: DraftTrainConfig, hf_config: Any, rt, d2t: torch.T
     if cfg.draft_vocab_size is not None and cfg.draft_vocab_size % rt.tp:
         raise UsageError(f"--draft-vocab-size {cfg.draft_vocab_size} must be divisible by TP={rt.tp}")
     apply_standins()
+    if cfg.algorithm == "medusa":
+        from post_training.runtime.fixes import apply_medusa_fix
+
+        apply_medusa_fix()  # its checkpoints save and load only with it
     dtype = next(model.parameters()).dtype
     from post_training.runtime.dist import seed_everything
 

@@ -41,7 +41,12 @@ def batch(rt, bcfg: BatchConfig, seq_length: int = 16, seed: int = 3):
     return microbatches(tokens, bcfg, rt, loss_mask=mask)
 
 
-def train(hf_dir: str, rt, algorithm: str = "eagle3", steps: int = 5, lr: float = 1e-2, **kw) -> dict:
+ACCEPTANCE_OSL = 8
+
+
+def train(hf_dir: str, rt, algorithm: str = "eagle3", steps: int = 5, lr: float = 1e-2,
+          acceptance: bool = False, **kw) -> dict:
+    """``acceptance``: then the training loop's draft AL report on the trained head (osl 8)."""
     model, hfc = build(hf_dir, rt, algorithm, **kw)
     target = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     draft = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -54,7 +59,14 @@ def train(hf_dir: str, rt, algorithm: str = "eagle3", steps: int = 5, lr: float 
     in_opt = {by_id[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in by_id}
     with_state = {by_id[id(p)] for p in opt.optimizer.state if id(p) in by_id}
     config, state = draft_head_state(model, hfc)
+    report = None
+    if acceptance:
+        from post_training.hf import load_tokenizer
+        from post_training.non_loss_data_func import draft_acceptance_tracker
+
+        report = draft_acceptance_tracker(load_tokenizer(hf_dir), hfc, osl=ACCEPTANCE_OSL)(ddp)
     return {
+        "acceptance": report,
         "losses": losses,
         "target_unchanged": all(torch.equal(params[n], t) for n, t in target.items()),
         "target_grads": [n for n in target if params[n].grad is not None

@@ -19,7 +19,8 @@ tests/conftest.py `mr_*` fixtures). Tasks run in the order given:
                        must return the same numbers)
   --prune DIR          Minitron depth pruning 4 -> 2 layers on the built-in calibration text
                        (4 x 64 tokens), saved to DIR; records layer scores, dropped layers, logits
-  --eagle              3 EAGLE-3 draft-head training steps with a draft vocabulary (draft_heads.py);
+  --eagle              3 EAGLE-3 draft-head training steps with a draft vocabulary (draft_heads.py),
+                       then the loop's draft AL report on the trained head;
                        the losses and the gathered head (every rank must hold the same)
 
 Rank 0 writes {task: result} (each result from the rank that holds it) to --out with torch.save.
@@ -136,10 +137,11 @@ def _distill(a, rt) -> dict:
 
 
 def _eagle(a, rt) -> dict:
-    out = draft_heads.train(a.hf_dir, rt, "eagle3", steps=3)
+    out = draft_heads.train(a.hf_dir, rt, "eagle3", steps=3, acceptance=True)
     checksums = {k: float(v.double().sum()) for k, v in out["head"].items()}
-    same_on_every_rank({"losses": out["losses"], "head": checksums, "frozen": out["target_unchanged"]})
-    return {k: out[k] for k in ("losses", "head", "target_unchanged", "target_grads")}
+    same_on_every_rank({"losses": out["losses"], "head": checksums, "frozen": out["target_unchanged"],
+                        "acceptance": out["acceptance"]})
+    return {k: out[k] for k in ("losses", "head", "target_unchanged", "target_grads", "acceptance")}
 
 
 def prune(rt, hf_dir: str, root: str) -> dict | None:
