@@ -52,6 +52,20 @@ class TrainData:
     train: Callable[[int], Batches]
     valid: Callable[[], Batches] | None = None
 
+    @classmethod
+    def from_splits(cls, train_split, valid_split, batch: BatchConfig, rt: Runtime) -> "TrainData":
+        """Global batches of chat splits (:mod:`post_training.chat_data`), collated for this rank."""
+        from post_training.chat_data import global_batches
+        from post_training.training import collate
+
+        gbs = batch.global_size(rt.dp)
+
+        def batches(split, consumed: int) -> Batches:
+            return (collate(samples, batch, rt) for samples in global_batches(split, gbs, consumed))
+
+        return cls(train=lambda consumed: batches(train_split, consumed),
+                   valid=(lambda: batches(valid_split, 0)) if valid_split is not None else None)
+
 
 @dataclass
 class LoopResult:
@@ -61,6 +75,12 @@ class LoopResult:
     last_checkpoint: Path | None = None
     plot: Path | None = None
     acceptance_plot: Path | None = None
+
+    def summary(self) -> str:
+        """The run's last line: where it stopped and the last logged value of each term."""
+        last = [r for r in self.records if r["kind"] == "train"]
+        terms = " | ".join(f"{k}: {v:.4f}" for k, v in last[-1]["losses"].items()) if last else ""
+        return f"trained to iteration {self.iteration} ({self.consumed_samples} samples) | {terms}"
 
 
 def quantizer_summary(model) -> str | None:

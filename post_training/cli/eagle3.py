@@ -57,13 +57,12 @@ def main(argv: list[str]) -> int:
     check(args)
     if args.preflight:
         return 0
-    from post_training.chat_data import build_sft_datasets, global_batches
+    from post_training.chat_data import build_sft_datasets
     from post_training.model_builder import setup_model
     from post_training.non_loss_data_func import draft_acceptance_tracker
     from post_training.runtime import init_runtime
     from post_training.speculative import heads
     from post_training.train_loop import TrainData, run_training
-    from post_training.training import collate
 
     cfg = args.draft_train
     rt = init_runtime(args.runtime)
@@ -91,24 +90,17 @@ def main(argv: list[str]) -> int:
                      f"{'medusa' if cfg.algorithm == 'medusa' else 'eagle'})")
     heads.prepare_for_training(model)
     print_rank_0(heads.parameter_report(model)[2])
-    gbs = args.batch.global_size(rt.dp)
-
-    def batches(split, consumed: int):
-        return (collate(samples, args.batch, rt) for samples in global_batches(split, gbs, consumed))
-
-    data = TrainData(train=lambda consumed: batches(train_split, consumed),
-                     valid=(lambda: batches(valid_split, 0)) if valid_split is not None else None)
+    data = TrainData.from_splits(train_split, valid_split, args.batch, rt)
     track = draft_acceptance_tracker(tok, hf_config, osl=args.acceptance.osl, draft_steps=args.draft.draft_steps,
                                      mtbench_path=args.acceptance.mtbench_path)
     res = run_training(model, rt, data, train=args.train, batch=args.batch, loop=args.loop, save=args.save,
                        load=args.source.load, seed=args.runtime.seed, hf_dir=hf_dir,
                        model_conf=args.source.model_conf, non_loss_data_func=track)
-    last = [r for r in res.records if r["kind"] == "train"]
-    summary = " | ".join(f"{k}: {v:.4f}" for k, v in last[-1]["losses"].items()) if last else ""
+    summary = res.summary()
     al = [r for r in res.records if r["kind"] == "acceptance"]
     if al:
         summary += f" | draft AL {al[-1]['al']:.3f} (K={args.draft.draft_steps}, ratio of sums)"
-    print_rank_0(f"trained to iteration {res.iteration} ({res.consumed_samples} samples) | {summary}")
+    print_rank_0(summary)
     if res.last_checkpoint:
         draft = "medusa" if cfg.algorithm == "medusa" else "eagle"
         print_rank_0(f"checkpoint (target + head): {res.last_checkpoint.parent}\nnext:\n"

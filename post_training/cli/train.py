@@ -44,11 +44,10 @@ def main(argv: list[str]) -> int:
     check(args)
     if args.preflight:
         return 0
-    from post_training.chat_data import build_sft_datasets, global_batches
+    from post_training.chat_data import build_sft_datasets
     from post_training.model_builder import setup_model
     from post_training.runtime import init_runtime
     from post_training.train_loop import TrainData, apply_lora, quantizer_summary, run_training
-    from post_training.training import collate
 
     rt = init_runtime(args.runtime)
     hf_dir = hf.source_hf_dir(args.source)
@@ -71,19 +70,11 @@ def main(argv: list[str]) -> int:
         from post_training.distillation import setup_distillation
 
         model, adjust = setup_distillation(model, args.distill, args.source, args.model, rt, tok)
-    gbs = args.batch.global_size(rt.dp)
-
-    def batches(split, consumed: int):
-        return (collate(samples, args.batch, rt) for samples in global_batches(split, gbs, consumed))
-
-    data = TrainData(train=lambda consumed: batches(train_split, consumed),
-                     valid=(lambda: batches(valid_split, 0)) if valid_split is not None else None)
+    data = TrainData.from_splits(train_split, valid_split, args.batch, rt)
     res = run_training(model, rt, data, train=args.train, batch=args.batch, loop=args.loop, save=args.save,
                        load=args.source.load, seed=args.runtime.seed, hf_dir=hf_dir,
                        model_conf=args.source.model_conf, adjust_tensor_shapes_fn=adjust)
-    last = [r for r in res.records if r["kind"] == "train"]
-    summary = " | ".join(f"{k}: {v:.4f}" for k, v in last[-1]["losses"].items()) if last else ""
-    print_rank_0(f"trained to iteration {res.iteration} ({res.consumed_samples} samples) | {summary}")
+    print_rank_0(res.summary())
     if res.last_checkpoint:
         print_rank_0(f"checkpoint: {res.last_checkpoint.parent}\nnext:\n"
                      f"  MLM_MODEL_CKPT={res.last_checkpoint.parent} bash scripts/generate.sh\n"
