@@ -159,6 +159,10 @@ GROUPS: dict[str, Group] = {
         Flag("--weight-decay", "weight_decay"), Flag("--clip-grad", "clip_grad", "0 disables clipping"),
         Flag("--adam-beta1", "adam_beta1"), Flag("--adam-beta2", "adam_beta2"),
         Flag("--adam-eps", "adam_eps"), Flag("--train-iters", "train_iters"),
+        Flag("--override-opt-param-scheduler", "override_opt_param_scheduler",
+             "with --load: this run's LR-schedule flags replace the checkpoint's"),
+        Flag("--use-checkpoint-opt-param-scheduler", "use_checkpoint_opt_param_scheduler",
+             "with --load: keep the checkpoint's LR schedule, whatever the flags say"),
     )),
     "loop": Group(C.LoopConfig, "training loop", (
         Flag("--log-interval", "log_interval"),

@@ -104,6 +104,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, batch: BatchConfig
         end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters * gbs,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads

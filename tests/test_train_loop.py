@@ -11,6 +11,7 @@ import torch
 
 from post_training.io import layout as cio
 from post_training.train_loop import NonFiniteLoss
+from post_training.utils import UsageError
 from workers import loop
 
 # TP / PP vs TP=1 through the loop: the step's own tolerance (tests/test_training.py), compounded
@@ -85,9 +86,21 @@ def test_finetune_and_no_load_optim(ref, tiny_llama, runtime):
     fin = loop.run(str(tiny_llama), runtime, iters=2, load=str(d / "ck" / "iter_0000003"), finetune=True)
     assert fin["iteration"] == [1, 2] and fin["lr"][0] == 0.0
     fresh = loop.run(str(tiny_llama), runtime, iters=5, load=str(d / "ck" / "iter_0000003"), no_load_optim=True,
-                     no_load_rng=True)
+                     no_load_rng=True, schedule="checkpoint")
     assert fresh["iteration"] == [4, 5] and fresh["lr"] == full["lr"][3:5]
     assert fresh["loss"][0] == full["loss"][3] and fresh["loss"][1] != full["loss"][4]
+
+
+def test_longer_run_on_a_checkpoint_needs_a_schedule_choice(ref, tiny_llama, runtime):
+    """Another --train-iters changes the LR decay: as in Megatron-LM, one line asks whose schedule
+    wins; --override-opt-param-scheduler decays over the new length from the saved position."""
+    d, full = ref
+    with pytest.raises(UsageError, match="--override-opt-param-scheduler .* --use-checkpoint-opt-param-scheduler"):
+        loop.run(str(tiny_llama), runtime, iters=8, load=str(d / "ck" / "iter_0000006"))
+    longer = loop.run(str(tiny_llama), runtime, iters=7, load=str(d / "ck" / "iter_0000006"), schedule="override")
+    # the 7-iteration cosine at its 7th step sits between the 6-iteration run's last lr and min lr,
+    # where the checkpoint's schedule (decay over) would give min lr itself
+    assert longer["iteration"] == [7] and 2e-3 / 10 < longer["lr"][0] < full["lr"][-1]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_llama, runtime, tmp_path):
@@ -138,8 +151,8 @@ def test_optimizer_layout_mismatch_suggests_no_load_optim(ref, tiny_llama, runti
     with pytest.raises(UsageError, match="pass --no-load-optim") as e:
         loop.run(str(tiny_llama), runtime, iters=5, load=ck, model=model)
     assert "\n" not in str(e.value)
-    out = loop.run(str(tiny_llama), runtime, iters=5, load=ck, model=model, no_load_optim=True)
-    assert out["iteration"] == [4, 5] and all(math.isfinite(x) for x in out["loss"])
+    out = loop.run(str(tiny_llama), runtime, iters=6, load=ck, model=model, no_load_optim=True)
+    assert out["iteration"] == [4, 5, 6] and all(math.isfinite(x) for x in out["loss"])
 
 
 def test_qat_on_a_quantized_checkpoint(tiny_llama, runtime, tmp_path):

@@ -207,7 +207,13 @@ def load_training_state(path: str | Path, model, rt: Runtime, optimizer=None, sc
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        try:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        except AssertionError as e:  # megatron-core's check that the schedule flags are unchanged
+            detail = str(e).replace("checkpointvalue", "checkpoint value").split(": ", 1)[-1]
+            raise UsageError(f"the LR schedule of {iter_dir} differs from this run's ({detail}): pass "
+                             "--override-opt-param-scheduler to use this run's flags, or "
+                             "--use-checkpoint-opt-param-scheduler to keep the checkpoint's") from None
     if "rng_state" in request:
         set_rng_state(loaded["rng_state"][0])
     elif contents.get("rng"):

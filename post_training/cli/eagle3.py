@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
         print_rank_0(f"checkpoint (target + head): {res.last_checkpoint.parent}\nnext:\n"
                      f"  MLM_MODEL_CKPT={res.last_checkpoint.parent} bash scripts/acceptance.sh --draft {draft}\n"
                      f"  MLM_MODEL_CKPT={res.last_checkpoint.parent} bash scripts/eagle3.sh --train-iters "
-                     f"{res.iteration * 2}   # resume")
+                     f"{res.iteration * 2} --override-opt-param-scheduler   # train on")
     return 0
 
 

@@ -287,6 +287,10 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     train_iters: int = 1
+    # --load of a run whose schedule flags differ (e.g. a longer --train-iters): megatron-core
+    # refuses unless one of these says whose values win (Megatron-LM's flags)
+    override_opt_param_scheduler: bool = False  # this run's flags
+    use_checkpoint_opt_param_scheduler: bool = False  # the checkpoint's values
 
     def __post_init__(self) -> None:
         if self.lr_decay_iters is None:
@@ -305,4 +309,6 @@ class TrainConfig:
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
              f"--adam-beta1/2 must be in [0, 1) (got {self.adam_beta1}, {self.adam_beta2})"),
             (self.adam_eps > 0, f"--adam-eps must be > 0 (got {self.adam_eps})"),
+            (not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+             "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other"),
         ])

@@ -46,10 +46,12 @@ def run(hf_dir: str, rt, *, iters: int = 6, load: str | None = None, save: str |
         save_interval: int = 0, log_file: str | None = None, lr: float = 2e-3, dropout: float = 0.0,
         eval_interval: int = 0, micro_batch_size: int = 2, global_batch_size: int = 4, seq_length: int = 16,
         finetune: bool = False, no_load_optim: bool = False, no_load_rng: bool = False, poison_at: int | None = None,
-        plot: bool = False, model=None) -> dict:
+        plot: bool = False, model=None, schedule: str | None = None) -> dict:
     """Build (or take) the model, run the loop; per-iteration losses of every term, the lrs,
     grad norms and the validation records."""
-    tcfg = TrainConfig(lr=lr, min_lr=lr / 10, lr_warmup_iters=1, train_iters=iters, lr_decay_style="cosine")
+    tcfg = TrainConfig(lr=lr, min_lr=lr / 10, lr_warmup_iters=1, train_iters=iters, lr_decay_style="cosine",
+                       override_opt_param_scheduler=schedule == "override",
+                       use_checkpoint_opt_param_scheduler=schedule == "checkpoint")
     bcfg = BatchConfig(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
     lcfg = LoopConfig(log_interval=1, eval_interval=eval_interval, eval_iters=2, save_interval=save_interval,
                       log_file=log_file, plot=plot, finetune=finetune, no_load_optim=no_load_optim,
