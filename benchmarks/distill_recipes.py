@@ -199,9 +199,13 @@ def plot(work: Path, res: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, pair, title in ((axes[0], ("pruned_lm", "pruned_kd"), "pruned 30->15 layers"),
-                            (axes[1], ("qat", "qad"), "INT4-AWQ")):
+    panels = [(pair, title) for pair, title in ((("pruned_lm", "pruned_kd"), "pruned 30->15 layers"),
+                                                 (("qat", "qad"), "INT4-AWQ"))
+              if any((work / f"{tag}.jsonl").exists() for tag in pair)]  # the parts that ran
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (pair, title) in zip(axes[0], panels):
         for tag in pair:
             f = work / f"{tag}.jsonl"
             if not f.exists():
