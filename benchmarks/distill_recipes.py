@@ -155,6 +155,12 @@ def main() -> None:
         Path(a.json_out).write_text(json.dumps(res, indent=1))
 
 
+def gap_shares(start: float, end: float, target: float) -> tuple[float, float]:
+    """Share of the perplexity gap start -> target a run closed by ending at ``end``: linear
+    and in log-perplexity."""
+    return (start - end) / (start - target), math.log(start / end) / math.log(start / target)
+
+
 def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
     pruned = work / "pruned"
     run("prune.sh", "--prune-export-config", '{"num_layers": 15}', "--save", str(pruned),
@@ -162,14 +168,11 @@ def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
     res["ppl_pruned"] = ppl("pruned", "--load", str(pruned))
     res["ppl_pruned_lm"] = fit("pruned_lm", "finetune.sh", pruned, a.lr)
     res["ppl_pruned_kd"] = fit("pruned_kd", "distill.sh", pruned, a.lr, *kd)
-    gap = res["ppl_pruned"] - res["ppl_teacher"]
-    res["gap_closed_lm"] = (res["ppl_pruned"] - res["ppl_pruned_lm"]) / gap
-    res["gap_closed_kd"] = (res["ppl_pruned"] - res["ppl_pruned_kd"]) / gap
-    # in log-perplexity (nats per token): a pruned model that starts thousands of perplexity
+    # in log-perplexity (nats per token) too: a pruned model that starts thousands of perplexity
     # points away makes any training close ~all of the linear gap; the log gap still separates
-    lg = math.log(res["ppl_pruned"] / res["ppl_teacher"])
-    res["log_gap_closed_lm"] = math.log(res["ppl_pruned"] / res["ppl_pruned_lm"]) / lg
-    res["log_gap_closed_kd"] = math.log(res["ppl_pruned"] / res["ppl_pruned_kd"]) / lg
+    for tag in ("lm", "kd"):
+        res[f"gap_closed_{tag}"], res[f"log_gap_closed_{tag}"] = gap_shares(
+            res["ppl_pruned"], res[f"ppl_pruned_{tag}"], res["ppl_teacher"])
     res["remaining_gap_lm_over_kd"] = ((res["ppl_pruned_lm"] - res["ppl_teacher"])
                                        / max(res["ppl_pruned_kd"] - res["ppl_teacher"], 1e-9))
 
@@ -184,12 +187,9 @@ def quant_part(a, res, work, logs, ppl, fit, kd) -> None:
     res["quant_steps"] = steps
     res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr, steps=steps)
     res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd, steps=steps)
-    loss = res["ppl_awq"] - res["ppl_teacher"]
-    res["ptq_loss_recovered_qat"] = (res["ppl_awq"] - res["ppl_qat"]) / loss
-    res["ptq_loss_recovered_qad"] = (res["ppl_awq"] - res["ppl_qad"]) / loss
-    lg = math.log(res["ppl_awq"] / res["ppl_teacher"])
-    res["ptq_log_loss_recovered_qat"] = math.log(res["ppl_awq"] / res["ppl_qat"]) / lg
-    res["ptq_log_loss_recovered_qad"] = math.log(res["ppl_awq"] / res["ppl_qad"]) / lg
+    for tag in ("qat", "qad"):
+        res[f"ptq_loss_recovered_{tag}"], res[f"ptq_log_loss_recovered_{tag}"] = gap_shares(
+            res["ppl_awq"], res[f"ppl_{tag}"], res["ppl_teacher"])
 
 
 def plot(work: Path, res: dict) -> None:

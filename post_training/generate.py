@@ -15,7 +15,7 @@ from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
 from post_training.utils import UsageError
 
-__all__ = ["generate", "sample", "sampling_probs", "stop_token_ids"]
+__all__ = ["generate", "sample", "sampling_probs", "sequence_budget", "stop_token_ids"]
 
 
 def sampling_probs(logits: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
@@ -42,18 +42,24 @@ def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | Non
 
 
 @torch.inference_mode()
+def sequence_budget(prompt_len: int, max_new_tokens: int, max_seq_length: int | None,
+                    what: str = "prompt") -> int:
+    """Positions a KV cache needs for ``prompt_len`` + ``max_new_tokens``; more than
+    ``--seq-length`` (when given) is a usage error."""
+    total = prompt_len + max_new_tokens
+    if max_seq_length is not None and total > max_seq_length:
+        raise UsageError(f"{what} ({prompt_len} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
+                         f"--seq-length {max_seq_length}")
+    return total
+
+
 def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: int | None = None,
              seed: int = 1234) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``prompt_ids``; stops at a stop id
     (included in the result). Sampling draws from a generator seeded with ``seed`` (the run's,
     ParallelConfig.seed). The model must be in eval mode."""
     device = next(model.parameters()).device
-    total = len(prompt_ids) + cfg.max_new_tokens
-    if max_seq_length is not None and total > max_seq_length:
-        raise UsageError(
-            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceeds "
-            f"--seq-length {max_seq_length}"
-        )
+    total = sequence_budget(len(prompt_ids), cfg.max_new_tokens, max_seq_length)
     cache = KVCache(max_batch_size=1, max_sequence_length=total)
     gen = torch.Generator(device=device).manual_seed(seed) if cfg.temperature > 0 else None
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)

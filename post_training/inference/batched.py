@@ -23,11 +23,10 @@ from __future__ import annotations
 import torch
 
 from post_training.config import GenerateConfig
-from post_training.generate import sample
+from post_training.generate import sample, sequence_budget
 from post_training.inference.kv_cache import KVCache
 from post_training.runtime import cpu_compat
 from post_training.runtime.collectives import broadcast_from_last_stage
-from post_training.utils import UsageError
 
 __all__ = ["generate_batch", "padding_masks"]
 
@@ -59,10 +58,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, seed: i
     device = next(model.parameters()).device
     lens = [len(p) for p in prompts]
     length = max(lens)
-    total = length + cfg.max_new_tokens
-    if max_seq_length is not None and total > max_seq_length:
-        raise UsageError(f"longest prompt ({length} tokens) + --max-new-tokens ({cfg.max_new_tokens}) "
-                         f"exceeds --seq-length {max_seq_length}")
+    total = sequence_budget(length, cfg.max_new_tokens, max_seq_length, what="longest prompt")
     pads = torch.tensor([length - n for n in lens], device=device)
     # Pad with each row's own first token: any valid id works (its keys are masked out).
     tokens = torch.tensor([[p[0]] * (length - len(p)) + list(p) for p in prompts], device=device)

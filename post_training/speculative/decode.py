@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from post_training.config import GenerateConfig
-from post_training.generate import sampling_probs
+from post_training.generate import sampling_probs, sequence_budget
 from post_training.inference import KVCache
 from post_training.inference.hidden import HiddenCapture
 from post_training.runtime import cpu_compat
@@ -130,12 +130,7 @@ def speculative_generate(model, prompt_ids: list[int], drafter, gcfg: GenerateCo
     t_start = time.perf_counter()
     device = next(model.parameters()).device
     budget = gcfg.max_new_tokens
-    total = len(prompt_ids) + budget
-    if max_seq_length is not None and total > max_seq_length:
-        raise UsageError(
-            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({budget}) exceeds "
-            f"--seq-length {max_seq_length}"
-        )
+    total = sequence_budget(len(prompt_ids), budget, max_seq_length)
     # A step drafts at most (tokens still allowed - 1), so the cache never holds more than
     # prompt + max_new_tokens - 1 positions: the same capacity as plain generation.
     cache = KVCache(max_batch_size=1, max_sequence_length=total)
