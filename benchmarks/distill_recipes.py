@@ -80,7 +80,10 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--data", default=None, help="reuse this synthesized jsonl instead of synthesizing")
     ap.add_argument("--json-out", default=None)
-    ap.add_argument("--parts", default="prune,quant", help="prune (item 1), quant (item 2)")
+    ap.add_argument("--parts", default="prune,quant",
+                    help="prune (item 1), quant (item 2), synth (item 3: also time synthesis with --data)")
+    ap.add_argument("--ckpt-every", type=int, default=0,
+                    help="also save and evaluate every N steps (the perplexity-vs-steps curve)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -106,11 +109,13 @@ def main() -> None:
 
     n1 = max(4, a.synth_batch // 2)
     synth = ["--max-new-tokens", str(a.answer_tokens), "--max-question-tokens", "48"]
+    parts = a.parts.split(",")
     data = Path(a.data) if a.data else work / "synth.jsonl"
-    if not a.data:
+    if not a.data or "synth" in parts:  # with --data, the synthesized set is only timed
+        made = work / "synth.jsonl"
         out1, _ = run("synthesize.sh", "--output", str(work / "synth_b1.jsonl"), "--num-conversations",
                       str(n1), "--synth-batch-size", "1", *synth, log=logs / "synth_b1.log")
-        outb, _ = run("synthesize.sh", "--output", str(data), "--num-conversations",
+        outb, _ = run("synthesize.sh", "--output", str(made), "--num-conversations",
                       str(a.conversations), "--synth-batch-size", str(a.synth_batch), *synth,
                       log=logs / "synth.log")
         res["synthesis"] = {"batch1": rate(out1), "batched": {"batch": a.synth_batch, **rate(outb)}}
@@ -132,20 +137,31 @@ def main() -> None:
 
     def fit(tag: str, script: str, load: Path, lr: float, *extra: str, steps: int = a.steps) -> float:
         save = work / tag
+        every = ["--save-interval", str(a.ckpt_every)] if 0 < a.ckpt_every < steps else []
         run(script, "--load", str(load), "--save", str(save), "--lr", str(lr), "--min-lr",
-            str(lr / 10), "--log-file", str(work / f"{tag}.jsonl"), *train_args(steps), *extra,
-            log=logs / f"{tag}.log")
-        return ppl(tag, "--load", str(save))
+            str(lr / 10), "--log-file", str(work / f"{tag}.jsonl"), *train_args(steps), *every,
+            *extra, log=logs / f"{tag}.log")
+        # intermediate iterations (the loop keeps them all): perplexity vs steps
+        curve = [(int(d.name[5:]), ppl(f"{tag}_{d.name[5:]}", "--load", str(d)))
+                 for d in sorted(save.glob("iter_*")) if int(d.name[5:]) < steps]
+        final = ppl(tag, "--load", str(save))
+        res.setdefault("ppl_curves", {})[tag] = [*curve, (steps, final)]
+        return final
 
     kd = ["--export-kd-teacher-load", teacher]
+    if not {"prune", "quant"} & set(parts):
+        return finish(a, res, work, t_start)
     res["ppl_teacher"] = ppl("teacher")
-    parts = a.parts.split(",")
     # 1. depth pruning, LM loss vs logits KD
     if "prune" in parts:
         prune_part(a, res, work, logs, ppl, fit, kd)
     # 2. INT4-AWQ: PTQ vs QAT vs QAD
     if "quant" in parts:
         quant_part(a, res, work, logs, ppl, fit, kd)
+    finish(a, res, work, t_start)
+
+
+def finish(a, res: dict, work: Path, t_start: float) -> None:
     res["minutes"] = round((time.perf_counter() - t_start) / 60, 1)
     res["cpu_seconds"] = {k: round(v, 1) for k, v in CPU_SECONDS.items()}
     res["cpu_minutes_total"] = round(sum(CPU_SECONDS.values()) / 60, 1)
@@ -202,9 +218,21 @@ def plot(work: Path, res: dict) -> None:
     panels = [(pair, title) for pair, title in ((("pruned_lm", "pruned_kd"), "pruned 30->15 layers"),
                                                  (("qat", "qad"), "INT4-AWQ"))
               if any((work / f"{tag}.jsonl").exists() for tag in pair)]  # the parts that ran
+    curves = res.get("ppl_curves", {})
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    extra = 1 if any(len(c) > 1 for c in curves.values()) else 0
+    fig, axes = plt.subplots(1, len(panels) + extra, figsize=(5.5 * (len(panels) + extra), 4),
+                             squeeze=False)
+    if extra:
+        ax = axes[0][-1]
+        for tag, pts in curves.items():
+            ax.plot(*zip(*pts), marker="o", label=tag)
+        ax.axhline(res["ppl_teacher"], color="k", ls="--", lw=1, label="teacher")
+        ax.set_yscale("log")
+        ax.set_title("eval perplexity vs steps")
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
     for ax, (pair, title) in zip(axes[0], panels):
         for tag in pair:
             f = work / f"{tag}.jsonl"
@@ -231,7 +259,8 @@ def table(r: dict) -> None:
           f"{r['minutes']} min wall in all, {r['cpu_minutes_total']} CPU-min "
           f"(~{r['cpu_minutes_total'] / 2:.0f} min alone on 2 cores)")
     print("| model | perplexity | share of the gap closed (perplexity; log-perplexity) |\n|---|---|---|")
-    print(f"| teacher (SmolLM2-135M, 30 layers) | {r['ppl_teacher']:.3f} | |")
+    if "ppl_teacher" in r:
+        print(f"| teacher (SmolLM2-135M, 30 layers) | {r['ppl_teacher']:.3f} | |")
     if "ppl_pruned" in r:
         print(f"| pruned to 15 layers | {r['ppl_pruned']:.3f} | 0 |")
         print(f"| + LM loss only | {r['ppl_pruned_lm']:.3f} | {r['gap_closed_lm']:.1%}; {r['log_gap_closed_lm']:.1%} |")
@@ -243,6 +272,9 @@ def table(r: dict) -> None:
         print(f"| INT4-AWQ PTQ (then {r['quant_steps']} steps each) | {r['ppl_awq']:.3f} | 0 |")
         print(f"| + QAT | {r['ppl_qat']:.3f} | {r['ptq_loss_recovered_qat']:.1%}; {r['ptq_log_loss_recovered_qat']:.1%} |")
         print(f"| + QAD | {r['ppl_qad']:.3f} | {r['ptq_loss_recovered_qad']:.1%}; {r['ptq_log_loss_recovered_qad']:.1%} |")
+    for tag, pts in r.get("ppl_curves", {}).items():
+        if len(pts) > 1:
+            print(f"| {tag}: perplexity at steps | " + ", ".join(f"{i}: {v:.2f}" for i, v in pts) + " | |")
     s = r.get("synthesis")
     if s:
         b1, bb = s["batch1"], s["batched"]

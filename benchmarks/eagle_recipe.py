@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--tp-osl", type=int, default=128, help="throughput: tokens per answer")
     ap.add_argument("--threads", type=int, default=0, help="throughput: torch threads (0: default)")
     ap.add_argument("--no-medusa", action="store_true")
+    ap.add_argument("--random-init", action="store_true",
+                    help="ModelOpt's random head init instead of --draft-init-from-target")
+    ap.add_argument("--medusa-steps", type=int, default=None, help="Medusa steps (default: --steps)")
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args()
     work = Path(a.work)
@@ -105,12 +108,13 @@ def main() -> None:
     # 2. heads: EAGLE-3, then Medusa on the same data and budget
     every = a.eval_interval or max(1, a.steps // 6)
 
-    def train(tag: str, *extra: str) -> dict:
+    def train(tag: str, *extra: str, steps: int = a.steps) -> dict:
         save = work / tag
-        out, secs = run("eagle3.sh", "--finetune-data-files", str(data), "--train-iters", str(a.steps),
+        init = [] if a.random_init else ["--draft-init-from-target"]
+        out, secs = run("eagle3.sh", "--finetune-data-files", str(data), "--train-iters", str(steps), *init,
                         "--global-batch-size", str(a.gbs), "--micro-batch-size", str(a.mbs),
                         "--seq-length", str(a.seq_length), "--lr", str(a.lr), "--min-lr", str(a.lr / 10),
-                        "--lr-warmup-iters", str(max(1, a.steps // 20)), "--eval-interval", str(every),
+                        "--lr-warmup-iters", str(max(1, steps // 20)), "--eval-interval", str(every),
                         "--osl", str(a.track_osl), "--draft-steps", str(K), "--log-interval", str(max(1, every // 5)),
                         "--save", str(save), "--log-file", str(work / f"{tag}.jsonl"), "--no-progress", *extra,
                         log=logs / f"{tag}.log")
@@ -120,7 +124,7 @@ def main() -> None:
         last = [r for r in recs if r["kind"] == "train"][-1]
         info = {"wall_s": secs, "cpu_s": CPU_SECONDS[tag], "checkpoint": str(save),
                 "train_samples": int(m[2]) if m else None, "fill": int(m[5]) / 100 if m else None,
-                "tokens": a.steps * a.gbs * a.seq_length, "ms_per_iter": last["ms_per_iter"],
+                "steps": steps, "tokens": steps * a.gbs * a.seq_length, "ms_per_iter": last["ms_per_iter"],
                 "losses": last["losses"], "al_curve": [(r["consumed_tokens"], r["al"]) for r in recs
                                                        if r["kind"] == "acceptance"]}
         res["stages"][tag] = info
@@ -129,7 +133,7 @@ def main() -> None:
     train("eagle3", "--draft-vocab-size", str(a.draft_vocab_size))
     heads = {"eagle": work / "eagle3"}
     if not a.no_medusa:
-        train("medusa", "--algorithm", "medusa")
+        train("medusa", "--algorithm", "medusa", steps=a.medusa_steps or a.steps)
         heads["medusa"] = work / "medusa"
 
     # 3. acceptance on the offline prompt set, every drafter
@@ -216,7 +220,7 @@ def table(r: dict) -> None:
     for tag, col in (("eagle3", "eagle"), ("medusa", "medusa")):
         if tag in st:
             s = st[tag]
-            cells = [f"{r['steps']} steps, {s['ms_per_iter'] / 1000:.1f} s/step, final "
+            cells = [f"{s['steps']} steps, {s['ms_per_iter'] / 1000:.1f} s/step, final "
                      + ", ".join(f"{k} {v:.3f}" for k, v in s["losses"].items() if "ttt-0" in k or "head-0" in k)
                      if c == col else "" for c in cols]
             print(f"| {tag} training | " + " | ".join(cells) + f" | | {cpu(tag)} |")

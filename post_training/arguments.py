@@ -228,6 +228,8 @@ GROUPS: dict[str, Group] = {
              "(default: 1, L/2-1, L-4)"),
         Flag("--eagle-num-layers", "eagle_num_layers", "EAGLE draft decoder layers"),
         Flag("--eagle-config", "eagle_config", "json of eagle_architecture_config overrides"),
+        Flag("--draft-init-from-target", "init_from_target", "warm start: the draft lm_head (EAGLE: its "
+             "draft-vocabulary rows, and the final norm) from the target's; Medusa residual blocks zero"),
         Flag("--medusa-num-heads", "medusa_num_heads"), Flag("--medusa-num-layers", "medusa_num_layers"),
     )),
     "acceptance": Group(C.AcceptanceConfig, "acceptance measurement", (

@@ -141,7 +141,9 @@ def test_eagle_architecture_from_the_target(tmp_path):
 
 @pytest.fixture(scope="module")
 def eagle_ref(tiny_llama, runtime):
-    return draft_heads.train(str(tiny_llama), runtime, "eagle3", steps=3, acceptance=True)
+    # warm-started: the TP=2 run (test_tp2_reproduces_tp1) then also checks the gathered rows
+    return draft_heads.train(str(tiny_llama), runtime, "eagle3", steps=3, acceptance=True,
+                             init_from_target=True)
 
 
 def test_eagle3_trains_only_the_draft(eagle_ref):
@@ -209,6 +211,25 @@ def reference_eagle3_logits(cfg: dict, st: dict, aux: torch.Tensor, next_emb: to
     r = r + (F.silu(m @ st["midlayer.mlp.gate_proj.weight"].T) * (m @ st["midlayer.mlp.up_proj.weight"].T)) \
         @ st["midlayer.mlp.down_proj.weight"].T
     return _rms(r, st["norm.weight"], eps) @ st["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "medusa"])
+def test_init_from_target(tiny_llama, runtime, algorithm):
+    """--draft-init-from-target: EAGLE's draft lm_head holds the target's rows of the draft
+    vocabulary and its final norm the target's; a Medusa head starts as the target's lm_head."""
+    model, _ = draft_heads.build(str(tiny_llama), runtime, algorithm, draft_vocab=None if algorithm == "medusa"
+                                 else 128, init_from_target=True)
+    target = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+        else model.output_layer.weight
+    if algorithm == "medusa":
+        h = torch.randn(5, 1, target.shape[1])
+        for head in model.medusa_heads:
+            torch.testing.assert_close(head(h)[0], h @ target.T)
+        return
+    m = model.eagle_module
+    ids = torch.arange(128) + m.d2t
+    torch.testing.assert_close(m.eagle_output_layer.weight, target[ids])
+    torch.testing.assert_close(m.decoder.final_layernorm.weight, model.decoder.final_layernorm.weight)
 
 
 def test_forward_is_what_the_contract_documents(tiny_llama, runtime):

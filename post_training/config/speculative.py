@@ -86,6 +86,7 @@ class DraftTrainConfig:
     eagle_aux_layers: str | None = None  # EAGLE-3: comma-separated target layer ids; None: 1, L/2-1, L-4
     eagle_num_layers: int = 1  # EAGLE draft decoder layers
     eagle_config: str | None = None  # json of eagle_architecture_config overrides (Megatron-LM's flag)
+    init_from_target: bool = False  # warm start: draft lm_head (and norm) from the target's; Medusa blocks zero
     medusa_num_heads: int = 2
     medusa_num_layers: int = 1  # residual blocks per Medusa head
 

@@ -20,6 +20,10 @@ megatron-core GPTModel through ModelOpt's megatron plugins (``plugins/megatron_e
   (zero-weighted) base LM loss on the very logits it then distils from; fp32 logits are cloned
   first (bf16 ones are copied by its ``.float()`` anyway). Instance attributes of the converted
   model, as :mod:`post_training.distillation` does; nothing upstream changes.
+* :func:`init_from_target` (``--draft-init-from-target``): a warm start. Medusa as its paper
+  does it (each head's lm_head a copy of the target's, its residual blocks zero, so every head
+  starts as the target's next-token head); EAGLE's draft lm_head from the target's rows of the
+  draft vocabulary and its final norm from the target's. ModelOpt starts both from random.
 * :func:`draft_kind` reads the ModelOpt state: a ``--load`` of a saved draft re-creates the head
   (the checkpoint load applies the stand-ins first, see checkpointing/load.py).
 """
@@ -135,6 +139,43 @@ def convert_model(model, cfg: DraftTrainConfig, hf_config: Any, rt, d2t: torch.T
     if d2t is not None:
         set_d2t(model, d2t)
     return model
+
+
+@torch.no_grad()
+def init_from_target(model, rt) -> str:
+    """The warm start of the module docstring, on a freshly converted (not loaded) model; the
+    same on every TP rank. Returns what was copied, for the log."""
+    from megatron.core import parallel_state as ps
+
+    model = _unwrap(model)
+    target_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                else model.output_layer.weight)  # [vocab / TP, h], this rank's rows
+    if hasattr(model, "medusa_heads"):
+        for head in model.medusa_heads:
+            head.lm_head.weight.copy_(target_w)  # the same vocab-parallel split
+            for layer in head.medusa_layers:
+                layer.linear.weight.zero_()
+                if layer.linear.bias is not None:
+                    layer.linear.bias.zero_()
+        return f"{len(model.medusa_heads)} Medusa heads start as the target's lm_head"
+    module = model.eagle_module
+    norm = getattr(module.decoder, "final_layernorm", None)
+    if norm is not None:
+        norm.weight.copy_(model.decoder.final_layernorm.weight)
+    out = getattr(module, "eagle_output_layer", None)
+    if out is None:  # the draft reads the target's own output layer
+        return "EAGLE final norm from the target (it shares the target's lm_head)"
+    full = target_w
+    if rt.tp > 1:
+        parts = [torch.empty_like(target_w) for _ in range(rt.tp)]
+        torch.distributed.all_gather(parts, target_w.contiguous(), group=ps.get_tensor_model_parallel_group())
+        full = torch.cat(parts)
+    n = out.weight.shape[0]  # this rank's draft rows
+    ids = torch.arange(n * ps.get_tensor_model_parallel_rank(), n * (ps.get_tensor_model_parallel_rank() + 1))
+    if hasattr(module, "d2t"):
+        ids = ids + module.d2t.cpu()[ids]
+    out.weight.copy_(full[ids.to(full.device)])
+    return "EAGLE lm_head from the target's rows of the draft vocabulary, final norm from the target's"
 
 
 # ----------------------------------------------------------------------------- draft vocabulary

@@ -137,7 +137,7 @@ def _distill(a, rt) -> dict:
 
 
 def _eagle(a, rt) -> dict:
-    out = draft_heads.train(a.hf_dir, rt, "eagle3", steps=3, acceptance=True)
+    out = draft_heads.train(a.hf_dir, rt, "eagle3", steps=3, acceptance=True, init_from_target=True)
     checksums = {k: float(v.double().sum()) for k, v in out["head"].items()}
     same_on_every_rank({"losses": out["losses"], "head": checksums, "frozen": out["target_unchanged"],
                         "acceptance": out["acceptance"]})
