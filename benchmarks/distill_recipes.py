@@ -42,6 +42,11 @@ def run(script: str, *args: str, log: Path, env: dict | None = None) -> tuple[st
     """Run scripts/<script> with TP=PP=1; stdout+stderr to ``log``; returns (stdout, seconds).
     The CPU time of each run is kept too: on a shared machine wall time says little, while CPU
     seconds / 2 is what the run takes alone on the 2 cores it uses."""
+    cmd = f"$ {script} {' '.join(args)}"
+    if REUSE and log.is_file():
+        done = reused(log, cmd)
+        if done is not None:
+            return done
     e = {k: v for k, v in os.environ.items() if k not in ("TP", "PP", "MLM_MODEL_CKPT",
                                                            "MLM_MODEL_SAVE", "HF_MODEL_CKPT")}
     e.update({"TP": "1", "PP": "1", **(env or {})})
@@ -50,11 +55,34 @@ def run(script: str, *args: str, log: Path, env: dict | None = None) -> tuple[st
                        capture_output=True, text=True)
     secs = time.perf_counter() - t0
     CPU_SECONDS[log.stem] = children_cpu() - c0
-    log.write_text(f"$ {script} {' '.join(args)}\n{p.stdout}\n--- stderr ---\n{p.stderr}")
+    log.write_text(f"{cmd}\n{p.stdout}\n--- stderr ---\n{p.stderr}\n--- rc {p.returncode}, "
+                   f"wall {secs:.1f} s, cpu {CPU_SECONDS[log.stem]:.1f} s ---\n")
     if p.returncode:
         sys.exit(f"{script} failed ({p.returncode}); see {log}")
     print(f"  {script} {' '.join(args[:3])}... {secs:.0f}s wall, {CPU_SECONDS[log.stem]:.0f}s CPU", flush=True)
     return p.stdout, secs
+
+
+REUSE = False  # --reuse: a step whose log shows the same command succeeded is read, not re-run
+
+
+def reused(log: Path, cmd: str) -> tuple[str, float] | None:
+    """(stdout, wall s) from an earlier run's log of the same command that succeeded; None when
+    it must run. Logs written before the trailer existed (no rc line) count when their command
+    matches: the caller still parses their output and fails if it is not there."""
+    text = log.read_text()
+    head, _, rest = text.partition("\n")
+    if head != cmd or "\n--- stderr ---\n" not in rest:
+        return None
+    stdout = rest.split("\n--- stderr ---\n")[0]
+    m = re.search(r"\n--- rc (-?\d+), wall ([0-9.]+) s, cpu ([0-9.]+) s ---\n?$", text)
+    if m and m[1] != "0":
+        return None
+    secs = float(m[2]) if m else float("nan")
+    if m:
+        CPU_SECONDS[log.stem] = float(m[3])
+    print(f"  {cmd[2:60]}... reused from {log.name}" + ("" if m else " (no timing recorded)"), flush=True)
+    return stdout, secs
 
 
 def last_value(stdout: str, key: str) -> float:
@@ -82,9 +110,15 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--parts", default="prune,quant",
                     help="prune (item 1), quant (item 2), synth (item 3: also time synthesis with --data)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="skip each step whose log in --work shows the same command succeeded")
+    ap.add_argument("--ptq-load", default=None,
+                    help="item 2: this quantize.sh checkpoint (made with the flags quant_part uses) instead of quantizing")
     ap.add_argument("--ckpt-every", type=int, default=0,
                     help="also save and evaluate every N steps (the perplexity-vs-steps curve)")
     a = ap.parse_args()
+    global REUSE
+    REUSE = a.reuse
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
@@ -184,6 +218,8 @@ def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
     res["ppl_pruned"] = ppl("pruned", "--load", str(pruned))
     res["ppl_pruned_lm"] = fit("pruned_lm", "finetune.sh", pruned, a.lr)
     res["ppl_pruned_kd"] = fit("pruned_kd", "distill.sh", pruned, a.lr, *kd)
+    for tag in ("pruned_lm", "pruned_kd"):  # the curves start at the pruned model
+        res.get("ppl_curves", {}).get(tag, []).insert(0, (0, res["ppl_pruned"]))
     # in log-perplexity (nats per token) too: a pruned model that starts thousands of perplexity
     # points away makes any training close ~all of the linear gap; the log gap still separates
     for tag in ("lm", "kd"):
@@ -194,15 +230,20 @@ def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
 
 
 def quant_part(a, res, work, logs, ppl, fit, kd) -> None:
-    awq = work / "awq"
-    run("quantize.sh", "--export-quant-cfg", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
-        "--calib-dataset", "builtin-chat", "--calib-size", "28", "--calib-seq-length", "256",
-        log=logs / "quantize.log")
+    awq = Path(a.ptq_load) if a.ptq_load else work / "awq"
+    if a.ptq_load:
+        res["ptq_checkpoint"] = f"reused: {awq}"
+    else:
+        run("quantize.sh", "--export-quant-cfg", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
+            "--calib-dataset", "builtin-chat", "--calib-size", "28", "--calib-seq-length", "256",
+            log=logs / "quantize.log")
     res["ppl_awq"] = ppl("awq", "--load", str(awq))
     steps = a.quant_steps or a.steps
     res["quant_steps"] = steps
     res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr, steps=steps)
     res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd, steps=steps)
+    for tag in ("qat", "qad"):
+        res.get("ppl_curves", {}).get(tag, []).insert(0, (0, res["ppl_awq"]))
     for tag in ("qat", "qad"):
         res[f"ptq_loss_recovered_{tag}"], res[f"ptq_log_loss_recovered_{tag}"] = gap_shares(
             res["ppl_awq"], res[f"ppl_{tag}"], res["ppl_teacher"])
