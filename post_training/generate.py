@@ -41,7 +41,6 @@ def sample(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator | Non
     return torch.multinomial(sampling_probs(logits, cfg), 1, generator=gen).squeeze(-1)
 
 
-@torch.inference_mode()
 def sequence_budget(prompt_len: int, max_new_tokens: int, max_seq_length: int | None,
                     what: str = "prompt") -> int:
     """Positions a KV cache needs for ``prompt_len`` + ``max_new_tokens``; more than
@@ -53,6 +52,7 @@ def sequence_budget(prompt_len: int, max_new_tokens: int, max_seq_length: int | 
     return total
 
 
+@torch.inference_mode()
 def generate(model, prompt_ids: list[int], cfg: GenerateConfig, max_seq_length: int | None = None,
              seed: int = 1234) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``prompt_ids``; stops at a stop id
