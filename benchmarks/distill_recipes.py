@@ -243,8 +243,7 @@ def quant_part(a, res, work, logs, ppl, fit, kd) -> None:
     res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr, steps=steps)
     res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd, steps=steps)
     for tag in ("qat", "qad"):
-        res.get("ppl_curves", {}).get(tag, []).insert(0, (0, res["ppl_awq"]))
-    for tag in ("qat", "qad"):
+        res.get("ppl_curves", {}).get(tag, []).insert(0, (0, res["ppl_awq"]))  # from the PTQ model
         res[f"ptq_loss_recovered_{tag}"], res[f"ptq_log_loss_recovered_{tag}"] = gap_shares(
             res["ppl_awq"], res[f"ppl_{tag}"], res["ppl_teacher"])
 

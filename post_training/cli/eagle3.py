@@ -86,8 +86,6 @@ def main(argv: list[str]) -> int:
             print_rank_0(f"draft vocabulary: {cfg.draft_vocab_size} of {hf_config.vocab_size} tokens, "
                          f"{100 * heads.d2t_coverage(counts, d2t):.1f}% of the training tokens")
         model = heads.convert_model(model, cfg, hf_config, rt, d2t, seed=args.runtime.seed)
-        if cfg.init_from_target:
-            print_rank_0(f"--draft-init-from-target: {heads.init_from_target(model, rt)}")
         print_rank_0(f"{cfg.algorithm} head attached (ModelOpt speculative mode "
                      f"{'medusa' if cfg.algorithm == 'medusa' else 'eagle'})")
     heads.prepare_for_training(model)

@@ -138,6 +138,8 @@ def convert_model(model, cfg: DraftTrainConfig, hf_config: Any, rt, d2t: torch.T
     model = mtsp.convert(model, convert_spec(cfg, hf_config, dtype))
     if d2t is not None:
         set_d2t(model, d2t)
+    if cfg.init_from_target:  # after d2t: EAGLE's rows follow the draft vocabulary
+        print_rank_0(f"--draft-init-from-target: {init_from_target(model, rt)}")
     return model
 
 
@@ -170,8 +172,8 @@ def init_from_target(model, rt) -> str:
         parts = [torch.empty_like(target_w) for _ in range(rt.tp)]
         torch.distributed.all_gather(parts, target_w.contiguous(), group=ps.get_tensor_model_parallel_group())
         full = torch.cat(parts)
-    n = out.weight.shape[0]  # this rank's draft rows
-    ids = torch.arange(n * ps.get_tensor_model_parallel_rank(), n * (ps.get_tensor_model_parallel_rank() + 1))
+    n, rank = out.weight.shape[0], ps.get_tensor_model_parallel_rank()  # this rank's draft rows
+    ids = torch.arange(n * rank, n * (rank + 1))
     if hasattr(module, "d2t"):
         ids = ids + module.d2t.cpu()[ids]
     out.weight.copy_(full[ids.to(full.device)])

@@ -30,8 +30,6 @@ def build(hf_dir: str, rt, algorithm: str = "eagle3", draft_vocab: int | None = 
         cfg = DraftTrainConfig(algorithm=algorithm, draft_vocab_size=draft_vocab, eagle_ttt_steps=ttt, **extra)
         d2t = heads.calibrate_d2t(counts(hfc.vocab_size), draft_vocab) if draft_vocab else None
         model = heads.convert_model(model, cfg, hfc, rt, d2t)
-        if cfg.init_from_target:
-            heads.init_from_target(model, rt)
     heads.prepare_for_training(model)
     return model, hfc
 
