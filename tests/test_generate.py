@@ -65,3 +65,23 @@ def test_too_long_request_is_refused(tiny):
     model, _ = tiny
     with pytest.raises(UsageError, match="exceeds --seq-length"):
         generate(model, list(range(10)), GenerateConfig(max_new_tokens=10), max_seq_length=15)
+
+
+def test_every_decoder_runs_in_inference_mode(tiny):
+    """Plain, batched and speculative decoding record no autograd state: a refactor once moved
+    ``@torch.inference_mode()`` off ``generate()`` and plain greedy ran ~1.4x slower than its
+    per-step cost (benchmarks/RESULTS.md, the EAGLE-3 recipe)."""
+    from post_training.inference.batched import generate_batch
+    from post_training.speculative import NgramDrafter, speculative_generate
+
+    model, _ = tiny
+    seen = []
+    handle = model.register_forward_hook(lambda m, i, o: seen.append(torch.is_inference_mode_enabled()))
+    try:
+        cfg = GenerateConfig(max_new_tokens=4)
+        generate(model, [5, 6, 7], cfg)
+        generate_batch(model, [[5, 6, 7], [8, 9]], cfg)
+        speculative_generate(model, [5, 6, 7, 5, 6], NgramDrafter(2), cfg, 2)
+    finally:
+        handle.remove()
+    assert len(seen) >= 3 and all(seen)
