@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--synth-batch", type=int, default=16)
     ap.add_argument("--answer-tokens", type=int, default=160)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--all-tokens", action="store_true",
+                    help="every training run with --train-on-all-tokens (loss on the user turns too)")
     ap.add_argument("--data", default=None, help="reuse this synthesized jsonl instead of synthesizing")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--parts", default="prune,quant",
@@ -128,7 +130,8 @@ def main() -> None:
 
     teacher = str(hf.conf_hf_dir(hf.load_conf(EMBEDDED_MODEL), None))
     res: dict = {"steps": a.steps, "global_batch": a.gbs, "seq_length": a.seq_length,
-                 "tokens_per_run": a.steps * a.gbs * a.seq_length}
+                 "tokens_per_run": a.steps * a.gbs * a.seq_length, "lr": a.lr, "qat_lr": a.qat_lr,
+                 "loss_on": "all tokens" if a.all_tokens else "assistant tokens"}
     t_start = time.perf_counter()
 
     # 3. synthesis: batch 1 on a few conversations, then the training set batched; the rates are
@@ -167,7 +170,8 @@ def main() -> None:
         return ["--train-iters", str(steps), "--global-batch-size", str(a.gbs), "--micro-batch-size",
                 str(a.mbs), "--seq-length", str(a.seq_length), "--finetune-data-files", str(data),
                 "--lr-warmup-iters", str(max(1, steps // 10)), "--eval-interval", "0",
-                "--log-interval", "5", "--no-progress", "--finetune"]
+                "--log-interval", "5", "--no-progress", "--finetune",
+                *(["--train-on-all-tokens"] if a.all_tokens else [])]
 
     def fit(tag: str, script: str, load: Path, lr: float, *extra: str, steps: int = a.steps) -> float:
         save = work / tag
@@ -297,7 +301,8 @@ def table(r: dict) -> None:
     print(f"\n{r['steps']} steps x {r['global_batch']} sequences x {r['seq_length']} tokens "
           f"({r['tokens_per_run']} tokens per run), {r['data']['conversations']} chats ({Path(r['data']['file']).name}); "
           f"{r['minutes']} min wall in all, {r['cpu_minutes_total']} CPU-min "
-          f"(~{r['cpu_minutes_total'] / 2:.0f} min alone on 2 cores)")
+          f"(~{r['cpu_minutes_total'] / 2:.0f} min alone on 2 cores); lr {r.get('lr')} (pruned), "
+          f"{r.get('qat_lr')} (QAT / QAD); loss on {r.get('loss_on', 'assistant tokens')}")
     print("| model | perplexity | share of the gap closed (perplexity; log-perplexity) |\n|---|---|---|")
     if "ppl_teacher" in r:
         print(f"| teacher (SmolLM2-135M, 30 layers) | {r['ppl_teacher']:.3f} | |")
