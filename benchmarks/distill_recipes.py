@@ -173,7 +173,9 @@ def main() -> None:
                 "--log-interval", "5", "--no-progress", "--finetune",
                 *(["--train-on-all-tokens"] if a.all_tokens else [])]
 
-    def fit(tag: str, script: str, load: Path, lr: float, *extra: str, steps: int = a.steps) -> float:
+    def fit(tag: str, script: str, load: Path, start: float, lr: float, *extra: str, steps: int = a.steps) -> float:
+        """Train ``load`` (perplexity ``start``) with ``script``; the final perplexity. The curve
+        kept in res["ppl_curves"][tag] runs from step 0 (``start``) to ``steps``."""
         save = work / tag
         every = ["--save-interval", str(a.ckpt_every)] if 0 < a.ckpt_every < steps else []
         run(script, "--load", str(load), "--save", str(save), "--lr", str(lr), "--min-lr",
@@ -183,7 +185,7 @@ def main() -> None:
         curve = [(int(d.name[5:]), ppl(f"{tag}_{d.name[5:]}", "--load", str(d)))
                  for d in sorted(save.glob("iter_*")) if int(d.name[5:]) < steps]
         final = ppl(tag, "--load", str(save))
-        res.setdefault("ppl_curves", {})[tag] = [*curve, (steps, final)]
+        res.setdefault("ppl_curves", {})[tag] = [(0, start), *curve, (steps, final)]
         return final
 
     kd = ["--export-kd-teacher-load", teacher]
@@ -220,10 +222,8 @@ def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
     run("prune.sh", "--prune-export-config", '{"num_layers": 15}', "--save", str(pruned),
         log=logs / "prune.log")
     res["ppl_pruned"] = ppl("pruned", "--load", str(pruned))
-    res["ppl_pruned_lm"] = fit("pruned_lm", "finetune.sh", pruned, a.lr)
-    res["ppl_pruned_kd"] = fit("pruned_kd", "distill.sh", pruned, a.lr, *kd)
-    for tag in ("pruned_lm", "pruned_kd"):  # the curves start at the pruned model
-        res.get("ppl_curves", {}).get(tag, []).insert(0, (0, res["ppl_pruned"]))
+    res["ppl_pruned_lm"] = fit("pruned_lm", "finetune.sh", pruned, res["ppl_pruned"], a.lr)
+    res["ppl_pruned_kd"] = fit("pruned_kd", "distill.sh", pruned, res["ppl_pruned"], a.lr, *kd)
     # in log-perplexity (nats per token) too: a pruned model that starts thousands of perplexity
     # points away makes any training close ~all of the linear gap; the log gap still separates
     for tag in ("lm", "kd"):
@@ -234,20 +234,20 @@ def prune_part(a, res, work, logs, ppl, fit, kd) -> None:
 
 
 def quant_part(a, res, work, logs, ppl, fit, kd) -> None:
-    awq = Path(a.ptq_load) if a.ptq_load else work / "awq"
     if a.ptq_load:
+        awq = Path(a.ptq_load)
         res["ptq_checkpoint"] = f"reused: {awq}"
     else:
+        awq = work / "awq"
         run("quantize.sh", "--export-quant-cfg", "INT4_AWQ_CFG", "--save", str(awq), "--ppl-windows", "0",
             "--calib-dataset", "builtin-chat", "--calib-size", "28", "--calib-seq-length", "256",
             log=logs / "quantize.log")
     res["ppl_awq"] = ppl("awq", "--load", str(awq))
     steps = a.quant_steps or a.steps
     res["quant_steps"] = steps
-    res["ppl_qat"] = fit("qat", "finetune.sh", awq, a.qat_lr, steps=steps)
-    res["ppl_qad"] = fit("qad", "distill.sh", awq, a.qat_lr, *kd, steps=steps)
+    res["ppl_qat"] = fit("qat", "finetune.sh", awq, res["ppl_awq"], a.qat_lr, steps=steps)
+    res["ppl_qad"] = fit("qad", "distill.sh", awq, res["ppl_awq"], a.qat_lr, *kd, steps=steps)
     for tag in ("qat", "qad"):
-        res.get("ppl_curves", {}).get(tag, []).insert(0, (0, res["ppl_awq"]))  # from the PTQ model
         res[f"ptq_loss_recovered_{tag}"], res[f"ptq_log_loss_recovered_{tag}"] = gap_shares(
             res["ppl_awq"], res[f"ppl_{tag}"], res["ppl_teacher"])
 
